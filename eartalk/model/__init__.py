@@ -1,0 +1,1 @@
+"""The talking-head model: visual tokenizer, audio encoder and the SFA + FCIC transformer."""

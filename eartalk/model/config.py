@@ -1,0 +1,101 @@
+"""The one model configuration shared by the tokenizer, the audio encoder and the transformer.
+
+Derived sizes (tokens per frame, page size, cache capacity) are computed in ``__post_init__`` so
+that the step contract of ``shared/design.md`` is fixed by a handful of primary numbers. Named
+presets live in ``PRESETS``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+# Controls entering as Frame-Condition-In-Context tokens: one token per control kind.
+# Each kind has a fixed slice of the Dc-wide condition vector (values), see ``COND_LAYOUT``.
+CONTROL_KINDS = ("pose", "gaze", "blink", "emotion")
+EMOTIONS = ("neutral", "happy", "sad", "angry", "surprised")
+# name -> (kind, index inside the condition vector, valid range)
+CONTROLS = {
+    "yaw": ("pose", 0, (-30.0, 30.0)),      # degrees
+    "pitch": ("pose", 1, (-20.0, 20.0)),    # degrees
+    "roll": ("pose", 2, (-15.0, 15.0)),     # degrees
+    "gaze_x": ("gaze", 3, (-1.0, 1.0)),     # fraction of the eye's free travel, + = right
+    "gaze_y": ("gaze", 4, (-1.0, 1.0)),     # + = down
+    "blink": ("blink", 5, (0.0, 1.0)),      # eyelid closure, 1 = closed
+    "emotion": ("emotion", 6, EMOTIONS),    # one-hot in slots 6..10
+}
+COND_DIM = 16  # Dc: values in slots 0..10, kind one-hot in slots 12..15
+
+
+@dataclass
+class ModelConfig:
+    # video / tokenizer
+    image_size: int = 128
+    token_grid: int = 8            # tokens per side: N = token_grid**2
+    codebook_size: int = 512       # V
+    # audio
+    sample_rate: int = 16000
+    fps: int = 25
+    n_mels: int = 80
+    mel_hop: int = 160             # 10 ms
+    audio_tokens: int = 2          # A per frame
+    audio_dim: int = 128           # F
+    lookahead_frames: int = 2      # video frames of audio lookahead (80 ms)
+    # transformer
+    n_layer: int = 4
+    n_head: int = 4
+    head_dim: int = 64
+    window: int = 8                # W: recent frames attended
+    sink_frames: int = 1           # pinned portrait frames
+    cond_tokens: int = len(CONTROL_KINDS)  # C
+    cond_dim: int = COND_DIM       # Dc
+    max_batch: int = 16
+    # derived (filled in __post_init__)
+    tokens_per_frame: int = field(init=False)   # N
+    page_tokens: int = field(init=False)        # P = C + A + N: K/V appended per step
+    cache_tokens: int = field(init=False)       # S = sink pages * P + W * P
+    d_model: int = field(init=False)
+    samples_per_frame: int = field(init=False)  # 640 at 16 kHz, 25 fps
+    mels_per_frame: int = field(init=False)
+
+    def __post_init__(self):
+        assert self.image_size % 16 == 0, "image_size must be a multiple of 16"
+        assert self.sample_rate % self.fps == 0
+        self.tokens_per_frame = self.token_grid ** 2
+        self.page_tokens = self.cond_tokens + self.audio_tokens + self.tokens_per_frame
+        self.cache_tokens = (self.sink_frames + self.window) * self.page_tokens
+        self.d_model = self.n_head * self.head_dim
+        self.samples_per_frame = self.sample_rate // self.fps
+        assert self.samples_per_frame % self.mel_hop == 0
+        self.mels_per_frame = self.samples_per_frame // self.mel_hop
+
+    # ---- serialisation (the derived fields are recomputed, never trusted from disk)
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(d) - names - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"model config has unknown fields {sorted(unknown)}; expected {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(),
+    # 4x the KV bytes of tiny: used by the kernel bandwidth estimates.
+    "small": dict(n_layer=8, n_head=8, head_dim=64),
+    # for fast unit tests
+    "test": dict(image_size=32, token_grid=2, codebook_size=16, n_layer=2, n_head=2, head_dim=8,
+                 window=3, audio_dim=16, max_batch=4),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
