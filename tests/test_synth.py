@@ -75,12 +75,14 @@ def test_resume_skips_finished_clips(tmp_path):
     synth.synthesize_corpus(tmp_path, clips=2, seed=1, size=32, workers=1, progress=False)
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "clips").glob("*.json")}
     # a half-written clip left behind by an interruption
-    (tmp_path / "clips" / "clip000002.gt.csv.tmp").write_text("partial")
+    (tmp_path / "clips" / "clip000002.gt.csv").write_text("partial")
     synth.synthesize_corpus(tmp_path, clips=3, seed=1, size=32, workers=1, progress=False)
     for p, m in done.items():
         assert p.stat().st_mtime_ns == m, f"{p.name} was redone"
     assert corpus.clip_done(tmp_path, "clip000002")
-    assert not list((tmp_path / "clips").glob("*.tmp"))
+    clip = corpus.load_clip(tmp_path, "clip000002", frames=False)
+    assert len(clip.gt["frame"]) == clip.meta["n_frames"]
+    assert not list((tmp_path / "clips").glob("*.partial"))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -33,8 +33,8 @@ from eartalk.model.config import CONTROLS, EMOTIONS
 
 _DEPTH = 0.95          # head depth half-axis relative to the face half-width
 _FOCAL = 9.0           # perspective distance (head units): mild, so the near side grows
-_SCALE = 0.25          # head unit -> fraction of the image size
-_CENTER_Y = 0.46       # head centre, fraction of the image height
+_SCALE = 0.32          # head unit -> fraction of the image size
+_CENTER_Y = 0.50       # head centre, fraction of the image height
 _PIVOT = np.array([0.0, 0.45, -0.25])   # rotate about the upper neck, not the head centre
 
 _BALD, _BUZZ, _SHORT, _SIDE, _LONG, _BUN, _CURLY = range(len(HAIR_STYLES))

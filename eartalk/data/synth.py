@@ -227,7 +227,7 @@ def synthesize_corpus(out: Path, clips: int, seed: int, size: int = 128, workers
                 bar.update()
     bar.close()
     splits = {s: [p.clip_id for p in plans if p.split == s] for s in SPLITS}
-    (out / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
+    corpus.write_splits(out, splits)
     card = data_card(out, plans, assignment, seed, size)
     return card
 
