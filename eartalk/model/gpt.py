@@ -1,0 +1,321 @@
+"""The frame transformer: GPT-style, one forward per video frame, Sink Frame Window Attention (SFA)
+and Frame Condition In-Context (FCIC).
+
+Step t sees the sequence ``[cond_t (C) | audio_t (A) | tokens_{t-1} (N) | N query slots]``. The
+first P = C+A+N positions are the frame's *context*: their K/V become one cache page. The N query
+slots predict the N tokens of frame t in parallel and are never cached, so a frame costs one call.
+
+Attention sees: the sink page(s) (the portrait, prefilled once), the last W pages, and the current
+frame. Context tokens do not see query slots (so a page's K/V does not depend on the queries and is
+the same in training and streaming); query slots see everything of their frame. Temporal position is
+a learned bias per (layer, head, frame lag) -- no absolute positions, so cached keys never change and
+an hours-long stream never leaves the trained range. ``forward_train`` runs T frames at once under the
+equivalent block mask (``sfa_mask``); the tests assert it matches ``prefill`` + ``step`` exactly.
+
+Lag convention (shared with the runtime's ``past_lag``): -1 sink, -2 empty/invisible, 0 same frame,
+1..W window. Bias table column: lag l -> l (clamped to [0, W]), sink -> W+1, -2 -> masked.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from eartalk.model.config import ModelConfig
+
+SINK, EMPTY = -1, -2
+
+
+def lag_bias(table: Tensor, lag: Tensor, window: int) -> Tensor:
+    """Additive attention bias for frame lags: ``table`` [*T, W+2], ``lag`` int [*X] -> [*X, *T].
+
+    A gather with clamping, no data-dependent control flow (ONNX/TensorRT friendly). Lags > W are
+    clamped to W rather than rejected: the graph cannot raise, and the runtime never produces them.
+    ``table`` may hold every layer's heads ([L, H, W+2]) so one gather serves the whole step.
+    """
+    lag = lag.long()
+    col = torch.where(lag == SINK, torch.full_like(lag, window + 1), lag.clamp(0, window))
+    lead = table.shape[:-1]
+    bias = F.embedding(col, table.reshape(-1, window + 2).t())    # [*X, prod(T)]
+    bias = bias.masked_fill((lag < SINK).unsqueeze(-1), float("-inf"))
+    return bias.view(*lag.shape, *lead)
+
+
+def sfa_mask(T: int, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """Visibility [L, L] bool and lag [L, L] int32 for the training sequence of T frames.
+
+    Layout (L = P + T*(P+N)): sink context (P) then, per frame t, context_t (P) and queries_t (N).
+    Row = query position, column = key position. ``lag`` holds -1 (sink), 0..W, or -2 where the
+    key is invisible, i.e. exactly what ``step`` would see through ``past_lag`` and its own frame.
+    """
+    lag = _sfa_lag(T, cfg.page_tokens, cfg.tokens_per_frame, cfg.window).clone()
+    return lag != EMPTY, lag
+
+
+@functools.lru_cache(maxsize=8)   # training calls this with the same T every step
+def _sfa_lag(T: int, P: int, N: int, W: int) -> Tensor:
+    if T < 1:
+        raise ValueError(f"need at least one frame, got T={T}")
+    frame = torch.cat([torch.full((P,), -1), torch.arange(T).repeat_interleave(P + N)])
+    is_query = torch.cat([torch.zeros(P, dtype=torch.bool), torch.tensor([False] * P + [True] * N).repeat(T)])
+    is_sink = frame == -1
+    fr, fc = frame[:, None], frame[None, :]
+    d = fr - fc                                                   # frame lag of column vs row
+    lag = torch.full((len(frame), len(frame)), EMPTY, dtype=torch.int32)
+    # The sink page was prefilled alone: it sees only itself, as its own frame (lag 0).
+    lag[is_sink[:, None] & is_sink[None, :]] = 0
+    rows = ~is_sink[:, None]
+    lag[rows & is_sink[None, :]] = SINK
+    ctx_cols = rows & ~is_sink[None, :] & ~is_query[None, :] & (d >= 0) & (d <= W)
+    lag[ctx_cols] = d[ctx_cols].to(torch.int32)
+    # Query slots are seen only by the query slots of their own frame.
+    lag[is_query[:, None] & is_query[None, :] & (d == 0)] = 0
+    return lag
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cur_bias: Tensor, past_k: Tensor | None = None,
+                past_v: Tensor | None = None, past_bias: Tensor | None = None, keep: int | None = None):
+        """x [B,T,d]; cur_bias [1|B,H,T,T]; past_k/v [B,H,S,D]; past_bias [B,H,1,S].
+
+        ``keep``: only the last ``keep`` rows' outputs are wanted (K/V are still of all T rows).
+
+        Plain matmul + softmax (not SDPA): exports to the same few ONNX ops on every backend and
+        lets the past and current scores carry differently shaped biases without materialising a
+        [B,H,T,S+T] bias tensor. Returns (out [B,T,d], k, v [B,H,T,D]) so the caller can cache K/V.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if keep is not None:
+            q, cur_bias = q[:, :, T - keep:], cur_bias[..., T - keep:, :]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = (q @ k.transpose(-2, -1)) * scale + cur_bias
+        vals = v
+        if past_k is not None:
+            past_scores = (q @ past_k.transpose(-2, -1)) * scale + past_bias
+            scores = torch.cat([past_scores, scores], dim=-1)
+            vals = torch.cat([past_v, v], dim=2)
+        y = torch.softmax(scores, dim=-1) @ vals                  # [B,H,T,D]
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], -1)), k, v
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)   # LayerNormalization is a single op in opset 17+
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
+                                 nn.Linear(4 * cfg.d_model, cfg.d_model))
+
+    def forward(self, x, cur_bias, past_k=None, past_v=None, past_bias=None, keep=None):
+        a, k, v = self.attn(self.ln1(x), cur_bias, past_k, past_v, past_bias, keep)
+        x = (x if keep is None else x[:, x.shape[1] - keep:]) + a
+        return x + self.mlp(self.ln2(x)), k, v
+
+
+class EARTalkGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, A, N, P, d = cfg.cond_tokens, cfg.audio_tokens, cfg.tokens_per_frame, cfg.page_tokens, cfg.d_model
+        self.cond_proj = nn.Linear(cfg.cond_dim, d)
+        self.cond_kind = nn.Parameter(torch.zeros(C, d))
+        # "free" (not pinned) must differ from "pinned at 0": it gets its own learned vector per kind.
+        self.cond_free = nn.Parameter(torch.zeros(C, d))
+        self.audio_proj = nn.Linear(cfg.audio_dim, d)
+        # The sink page has no audio at all, which is not the same thing as silence.
+        self.audio_null = nn.Parameter(torch.zeros(A, d))
+        self.tok_emb = nn.Embedding(cfg.codebook_size, d)
+        self.query_emb = nn.Parameter(torch.zeros(N, d))
+        self.slot_emb = nn.Parameter(torch.zeros(P + N, d))       # spatial position in the frame layout
+        self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.codebook_size, bias=False)
+        # Within one step: context rows see the context; query rows see context and queries.
+        frame_lag = torch.zeros(P + N, P + N, dtype=torch.int32)
+        frame_lag[:P, P:] = EMPTY
+        self.register_buffer("frame_lag", frame_lag, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = 0.02
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for p in (self.cond_kind, self.cond_free, self.audio_null, self.query_emb, self.slot_emb):
+            nn.init.normal_(p, 0.0, std)
+        # GPT-2: residual branches scaled so the residual stream's variance does not grow with depth.
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.proj.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            nn.init.normal_(blk.mlp[2].weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+        # ALiBi-like prior: head h decays with lag at its own slope (some heads local, some long),
+        # sinks start at 0 so identity is visible from the first step.
+        H, W = self.cfg.n_head, self.cfg.window
+        slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+        with torch.no_grad():
+            self.lag_bias.zero_()
+            self.lag_bias[:, :, : W + 1] = -slopes[:, None] * torch.arange(W + 1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- embeddings
+    def _context(self, prev_tokens: Tensor, audio_emb: Tensor, cond: Tensor | None,
+                 cond_mask: Tensor | None) -> Tensor:
+        """[B,P,d] context embeddings; cond None = all kinds free."""
+        B, P = prev_tokens.shape[0], self.cfg.page_tokens
+        if cond is None:
+            c = self.cond_free.expand(B, -1, -1)
+        else:
+            c = torch.where(cond_mask.unsqueeze(-1), self.cond_proj(cond), self.cond_free)
+        c = c + self.cond_kind
+        return torch.cat([c, audio_emb, self.tok_emb(prev_tokens)], dim=1) + self.slot_emb[:P]
+
+    def _queries(self, B) -> Tensor:
+        return (self.query_emb + self.slot_emb[self.cfg.page_tokens:]).expand(B, -1, -1)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.head(self.ln_f(x))
+
+    # ---- streaming
+    def prefill(self, portrait_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Sink page from the portrait's N tokens: (sink_k, sink_v) [L,B,H,P,D].
+
+        The context part of a step with all conditions free, no audio and prev tokens = portrait.
+        """
+        self._check_tokens(portrait_tokens, "portrait_tokens")
+        B, P = portrait_tokens.shape[0], self.cfg.page_tokens
+        x = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
+        cur = lag_bias(self.lag_bias, self.frame_lag[:P, :P], self.cfg.window).permute(2, 3, 0, 1)
+        ks, vs = [], []
+        for l, blk in enumerate(self.blocks):
+            x, k, v = blk(x, cur[l].unsqueeze(0))
+            ks.append(k)
+            vs.append(v)
+        return torch.stack(ks), torch.stack(vs)
+
+    def step(self, prev_tokens: Tensor, audio: Tensor, cond: Tensor, cond_mask: Tensor,
+             past_k: Tensor, past_v: Tensor, past_lag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One frame (see ``shared/design.md``, the step contract).
+
+        prev_tokens int64 [B,N], audio [B,A,F], cond [B,C,Dc], cond_mask bool [B,C],
+        past_k/past_v [L,B,H,S,D], past_lag int32 [B,S] -> logits [B,N,V], new_k/new_v [L,B,H,P,D].
+        """
+        self._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
+        B, P, W = prev_tokens.shape[0], self.cfg.page_tokens, self.cfg.window
+        x = torch.cat([self._context(prev_tokens, self.audio_proj(audio), cond, cond_mask),
+                       self._queries(B)], dim=1)
+        past = lag_bias(self.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)  # [L,B,H,1,S]
+        cur = lag_bias(self.lag_bias, self.frame_lag, W).permute(2, 3, 0, 1)          # [L,H,P+N,P+N]
+        ks, vs = [], []
+        for l, blk in enumerate(self.blocks):
+            # The last layer's context rows only matter through their K/V: skip their attention
+            # output and MLP (~(P/(P+N)) of that layer's work).
+            keep = self.cfg.tokens_per_frame if l == len(self.blocks) - 1 else None
+            x, k, v = blk(x, cur[l].unsqueeze(0), past_k[l], past_v[l], past[l], keep)
+            ks.append(k[:, :, :P])
+            vs.append(v[:, :, :P])
+        return self._logits(x[:, -self.cfg.tokens_per_frame:]), torch.stack(ks), torch.stack(vs)
+
+    def empty_cache(self, batch: int, dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """(past_k, past_v, past_lag) with every slot empty: zeros and lag -2."""
+        c = self.cfg
+        shape = (c.n_layer, batch, c.n_head, c.cache_tokens, c.head_dim)
+        return (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype),
+                torch.full((batch, c.cache_tokens), EMPTY, dtype=torch.int32))
+
+    # ---- training
+    def forward_train(self, tokens: Tensor, portrait_tokens: Tensor, audio: Tensor, cond: Tensor,
+                      cond_mask: Tensor) -> Tensor:
+        """Teacher forcing of T frames under the SFA mask -> logits [B,T,N,V].
+
+        tokens [B,T,N] (frame 0 = first frame after the portrait), portrait_tokens [B,N],
+        audio [B,T,A,F], cond [B,T,C,Dc], cond_mask bool [B,T,C].
+        """
+        c = self.cfg
+        B, T = tokens.shape[:2]
+        P, N = c.page_tokens, c.tokens_per_frame
+        self._check_tokens(portrait_tokens, "portrait_tokens")
+        for name, t, tail in (("tokens", tokens, (N,)), ("audio", audio, (c.audio_tokens, c.audio_dim)),
+                              ("cond", cond, (c.cond_tokens, c.cond_dim)), ("cond_mask", cond_mask, (c.cond_tokens,))):
+            if tuple(t.shape) != (B, T, *tail):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, T, *tail)}")
+        prev = torch.cat([portrait_tokens[:, None], tokens[:, :-1]], dim=1)  # frame t reads frame t-1
+        flat = lambda t: t.reshape(B * T, *t.shape[2:])
+        ctx = self._context(flat(prev), self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
+        frames = torch.cat([ctx, self._queries(B * T)], dim=1).view(B, T * (P + N), -1)
+        sink = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
+        x = torch.cat([sink, frames], dim=1)
+        lag = _sfa_lag(T, P, N, c.window).to(tokens.device)
+        for l, blk in enumerate(self.blocks):
+            # one layer's [1,H,L,L] bias at a time: all layers at once would be L x the memory
+            x, _, _ = blk(x, lag_bias(self.lag_bias[l], lag, c.window).permute(2, 0, 1).unsqueeze(0))
+        q = x[:, P:].view(B, T, P + N, -1)[:, :, P:]
+        return self._logits(q)
+
+    # ---- input checks (shapes only: static, so they vanish from an exported graph)
+    def _check_tokens(self, t: Tensor, name: str):
+        if t.dim() != 2 or t.shape[1] != self.cfg.tokens_per_frame:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [B, {self.cfg.tokens_per_frame}]")
+
+    def _check_step(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag):
+        c = self.cfg
+        B = prev_tokens.shape[0]
+        kv = (c.n_layer, B, c.n_head, c.cache_tokens, c.head_dim)
+        want = {"prev_tokens": (prev_tokens, (B, c.tokens_per_frame)),
+                "audio": (audio, (B, c.audio_tokens, c.audio_dim)),
+                "cond": (cond, (B, c.cond_tokens, c.cond_dim)),
+                "cond_mask": (cond_mask, (B, c.cond_tokens)),
+                "past_k": (past_k, kv), "past_v": (past_v, kv),
+                "past_lag": (past_lag, (B, c.cache_tokens))}
+        for name, (t, shape) in want.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(f"step input {name} has shape {tuple(t.shape)}; expected {list(shape)} "
+                                 f"(L, B, H, S, D = {c.n_layer}, B, {c.n_head}, {c.cache_tokens}, {c.head_dim})")
+        if cond_mask.dtype != torch.bool:
+            raise ValueError(f"cond_mask must be bool, got {cond_mask.dtype}")
+
+
+class StepModule(nn.Module):
+    """``model.step`` as ``forward``, for torch.onnx.export / torch.export."""
+    input_names = ["prev_tokens", "audio", "cond", "cond_mask", "past_k", "past_v", "past_lag"]
+    output_names = ["logits", "new_k", "new_v"]
+
+    def __init__(self, model: EARTalkGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag):
+        return self.model.step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Token ids [...] from logits [..., V]: argmax at temperature 0, else top-k/temperature sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    V = logits.shape[-1]
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    z = logits.float() / temperature
+    if top_k is not None and top_k < V:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z.reshape(-1, V), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
