@@ -8,16 +8,17 @@ rate (22050 Hz) and is resampled to 16 kHz mono float32.
 Determinism. libespeak-ng keeps synthesis state in C statics that nothing in its API resets (the
 pitch-flutter phase, the automatic gain control, the glottal cycle counter, the noise generator),
 so the same text synthesised twice in one process gives slightly different samples and even a
-different length. ``synthesize`` therefore loads a *fresh instance* of the library for every
-utterance and unloads it afterwards (about 1 ms). The instance is a private copy of the shared
-object, so another user of ``libespeak-ng`` in the same process cannot keep it loaded (a shared
-object stays mapped while anyone holds it, and its statics would then survive). A lock serialises
-callers in one process; worker processes each get their own copy lazily.
+different length; and initialisation seeds the noise generator from the clock, so breathy voices
+differ between processes and seconds. ``synthesize`` therefore loads a *fresh instance* of the
+library for every utterance, fixes its noise seed, and unloads it afterwards (about 1 ms). The
+instance is loaded from a private copy of the shared object, so another user of ``libespeak-ng``
+in the same process cannot keep it loaded (a shared object stays mapped while anyone holds it,
+and its statics would then survive). A lock serialises callers in one process; each worker
+process sets itself up lazily on first use.
 """
 from __future__ import annotations
 
 import _ctypes
-import atexit
 import ctypes
 import math
 import os
@@ -55,7 +56,9 @@ VOICES: tuple[str, ...] = (
     "en+f4",
 )
 
-RATE_RANGE = (80, 450)    # words per minute, eSpeak's own limits
+# Words per minute. From 450 up eSpeak time-compresses its output with libsonic, and the phoneme
+# events then no longer match the audio (they come out of order and past its end): 449 is the top.
+RATE_RANGE = (80, 449)
 PITCH_RANGE = (0, 99)     # eSpeak's relative pitch (50 = the voice's normal pitch)
 
 # ---- the parts of speak_lib.h used here
@@ -67,6 +70,7 @@ _EVENT_LIST_TERMINATED = 0
 _EVENT_PHONEME = 7
 _PARAM_RATE = 1
 _PARAM_PITCH = 3
+_RAND_SEED = 1
 
 
 class _EventId(ctypes.Union):
@@ -110,6 +114,21 @@ class Utterance:
         return len(self.audio) / SAMPLE_RATE
 
 
+def _private_copy(src: str) -> str:
+    """A copy of the shared object under a name nothing else loads, one per library build and
+    user, shared by all processes (each maps it separately) and written atomically."""
+    st = os.stat(src)
+    d = os.path.join(tempfile.gettempdir(), f"eartalk-espeak-{os.getuid()}")
+    dst = os.path.join(d, f"libespeak-ng-{st.st_size}-{st.st_mtime_ns}.so")
+    if not os.path.exists(dst):
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".part")
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)  # concurrent first users race harmlessly: same bytes either way
+    return dst
+
+
 class _State:
     """Per-process state: the private library copy and the capture buffers of the callback."""
 
@@ -118,15 +137,11 @@ class _State:
 
         self.pid = os.getpid()
         self.data_path = espeakng_loader.get_data_path().encode()
-        self.tmpdir = tempfile.mkdtemp(prefix="eartalk-espeak-")
-        self.lib_path = os.path.join(self.tmpdir, "libespeak-ng-private.so")
-        shutil.copyfile(espeakng_loader.get_library_path(), self.lib_path)
+        self.lib_path = _private_copy(espeakng_loader.get_library_path())
         self.chunks: list[np.ndarray] = []
         self.events: list[tuple[int, str]] = []
         self.callback = _CALLBACK(self._on_synth)  # kept alive for as long as the state
         self.unload_checked = False
-        pid = self.pid
-        atexit.register(lambda: os.getpid() == pid and shutil.rmtree(self.tmpdir, True))
 
     def _on_synth(self, wav, n, events):
         if n > 0:
@@ -147,8 +162,8 @@ _state: _State | None = None
 def _get_state() -> _State:
     global _state
     if _state is None or _state.pid != os.getpid():
-        # A forked child inherits the parent's state object; give it its own (the parent's
-        # atexit cleanup is pid-guarded, so the child never deletes the parent's copy).
+        # A forked child inherits the parent's state object, callback buffers included: give it
+        # its own.
         _state = _State()
     return _state
 
@@ -172,6 +187,9 @@ def _synth_native(st: _State, text: bytes, voice: str, rate: int, pitch: int
                                    _INITIALIZE_PHONEME_EVENTS)
         if sr <= 0:
             raise RuntimeError(f"espeak_Initialize failed ({sr}) with data at {st.data_path!r}")
+        # Breathy variants (f1..f5 ...) add noise from eSpeak's generator, which initialisation
+        # seeds from the clock: a fixed seed makes them reproducible across processes and time.
+        lib.espeak_ng_SetRandSeed(ctypes.c_long(_RAND_SEED))
         lib.espeak_SetSynthCallback(st.callback)
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise RuntimeError(f"eSpeak could not load voice {voice!r}")
