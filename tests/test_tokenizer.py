@@ -1,0 +1,141 @@
+"""VQTokenizer: shapes, ranges, determinism, learning on synthetic shapes, ONNX round trips."""
+import numpy as np
+import pytest
+import torch
+
+from eartalk.model.config import preset
+from eartalk.model.tokenizer import (TokenizerDecode, TokenizerEncode, TokenizerReference,
+                                     VQTokenizer, train_tokenizer)
+
+
+def synthetic_clips(n_ids=4, per_id=24, size=32, seed=0):
+    """Per identity: a portrait (background gradient + coloured disc 'head') and frames where a
+    dark ellipse ('mouth') changes size and the head shifts by a pixel or two."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    frames, portraits, index = [], [], []
+    for p in range(n_ids):
+        bg = rng.uniform(0.1, 0.9, 3)[:, None, None] * (0.6 + 0.4 * yy[None])
+        col = rng.uniform(0.2, 1.0, 3)[:, None, None]
+
+        def render(dx, dy, mouth):
+            img = bg.copy()
+            head = (xx - 0.5 - dx) ** 2 + (yy - 0.45 - dy) ** 2 < 0.3 ** 2
+            img = np.where(head[None], col, img)
+            m = ((xx - 0.5 - dx) / 0.12) ** 2 + ((yy - 0.6 - dy) / max(mouth, 0.02)) ** 2 < 1
+            return np.where(m[None], 0.05, img)
+
+        portraits.append(render(0, 0, 0.02))
+        for _ in range(per_id):
+            frames.append(render(*rng.uniform(-0.05, 0.05, 2), rng.uniform(0.02, 0.12)))
+            index.append(p)
+    as_u8 = lambda a: (np.clip(np.stack(a), 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
+    return as_u8(frames), as_u8(portraits), np.array(index)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return preset("test")
+
+
+@pytest.fixture(scope="module")
+def tok(cfg):
+    torch.manual_seed(0)
+    return VQTokenizer(cfg).eval()
+
+
+def test_shapes_ranges_and_uint8(cfg, tok):
+    x = torch.rand(3, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        t = tok.encode(x)
+        ref = tok.reference(x)
+        y = tok.decode(t, ref)
+        assert torch.equal(tok.encode((x * 255).round().to(torch.uint8)),
+                           tok.encode((x * 255).round() / 255))
+    assert t.dtype == torch.int64 and t.shape == (3, cfg.tokens_per_frame)
+    assert int(t.min()) >= 0 and int(t.max()) < cfg.codebook_size
+    assert ref.shape[0] == 3 and ref.shape[2:] == (cfg.image_size // 4,) * 2
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+def test_eval_is_deterministic(cfg, tok):
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        a = tok.decode(tok.encode(x), tok.reference(x))
+        b = tok.decode(tok.encode(x), tok.reference(x))
+    assert torch.equal(a, b)
+
+
+def test_bad_inputs_raise_clear_errors(cfg, tok):
+    with pytest.raises(ValueError, match="32x32"):
+        tok.encode(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="tokens"):
+        tok.decode(torch.zeros(1, 7, dtype=torch.long), tok.reference(torch.rand(1, 3, 32, 32)))
+    with pytest.raises(ValueError, match="ref"):
+        tok.decode(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 80, 4, 4))
+
+
+def test_training_learns_what_changes(cfg, tmp_path):
+    """The portrait supplies the static content; after a few hundred steps the tokens must carry
+    the mouth and the head shift: error where the frame differs from the portrait drops far below
+    the error of copying the portrait, and different frames get different token tuples."""
+    frames, portraits, index = synthetic_clips()
+    x = torch.from_numpy(frames).float() / 255
+    p = torch.from_numpy(portraits[index]).float() / 255
+    changed = (x - p).abs().mean(1) > 0.05                      # [B, H, W]
+
+    def errors(model):
+        with torch.no_grad():
+            toks = model.encode(x)
+            err = (model.decode(toks, model.reference(p)) - x).abs().mean(1)
+        return float(err[changed].mean()), float(err.mean()), len(set(map(tuple, toks.tolist())))
+
+    torch.manual_seed(0)
+    fresh = VQTokenizer(cfg).eval()
+    ch_before, all_before, _ = errors(fresh)
+    m = train_tokenizer(frames, portraits, cfg, steps=400, lr=3e-3, batch=16,
+                        out_dir=str(tmp_path), progress=False, portrait_index=index,
+                        tokenizer=fresh)
+    ch_after, all_after, distinct = errors(m["model"])
+    copy_err = float((x - p).abs().mean(1)[changed].mean())
+    assert ch_after < 0.25 * ch_before and ch_after < 0.25 * copy_err, (ch_before, ch_after)
+    assert all_after < all_before
+    assert distinct >= 8, distinct                             # 96 frames, all different
+    assert m["codebook"]["used"] >= 8 and m["codebook"]["perplexity"] > 4
+    # the saved file reloads to the same model
+    re = VQTokenizer.load(str(tmp_path / "tokenizer.safetensors"))
+    assert errors(re) == (ch_after, all_after, distinct)
+
+
+def _export(module, args, path, names_in, names_out):
+    batch = torch.export.Dim("batch", min=1, max=64)
+    dyn = tuple({0: batch} for _ in names_in)
+    torch.onnx.export(module, args, str(path), dynamo=True, opset_version=18,
+                      input_names=names_in, output_names=names_out, dynamic_shapes=dyn,
+                      verbose=False)
+    import onnxruntime as ort
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_round_trip(cfg, tok, tmp_path):
+    S = cfg.image_size
+    x = torch.rand(2, 3, S, S)
+    enc = _export(TokenizerEncode(tok), (x,), tmp_path / "enc.onnx", ["images"], ["tokens"])
+    ref_s = _export(TokenizerReference(tok), (x,), tmp_path / "ref.onnx", ["portrait"], ["ref"])
+    with torch.no_grad():
+        ref = tok.reference(x)
+        toks = tok.encode(x)
+    dec = _export(TokenizerDecode(tok), (toks, ref), tmp_path / "dec.onnx",
+                  ["tokens", "ref"], ["images"])
+    # other batch sizes than the example's
+    for B in (1, 3):
+        xb = torch.rand(B, 3, S, S)
+        with torch.no_grad():
+            t_ref, r_ref = tok.encode(xb), tok.reference(xb)
+            y_ref = tok.decode(t_ref, r_ref)
+        t_ort = enc.run(None, {"images": xb.numpy()})[0]
+        assert t_ort.dtype == np.int64 and np.array_equal(t_ort, t_ref.numpy())
+        r_ort = ref_s.run(None, {"portrait": xb.numpy()})[0]
+        np.testing.assert_allclose(r_ort, r_ref.numpy(), atol=1e-5)
+        y_ort = dec.run(None, {"tokens": t_ref.numpy(), "ref": r_ref.numpy()})[0]
+        np.testing.assert_allclose(y_ort, y_ref.numpy(), atol=1e-4)
