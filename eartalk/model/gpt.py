@@ -240,11 +240,13 @@ class EARTalkGPT(nn.Module):
 
     # ---- training
     def forward_train(self, tokens: Tensor, portrait_tokens: Tensor, audio: Tensor, cond: Tensor,
-                      cond_mask: Tensor) -> Tensor:
+                      cond_mask: Tensor, prev_first: Tensor | None = None) -> Tensor:
         """Teacher forcing of T frames under the SFA mask -> logits [B,T,N,V].
 
         tokens [B,T,N] (frame 0 = first frame after the portrait), portrait_tokens [B,N],
-        audio [B,T,A,F], cond [B,T,C,Dc], cond_mask bool [B,T,C].
+        audio [B,T,A,F], cond [B,T,C,Dc], cond_mask bool [B,T,C]. ``prev_first`` [B,N]: the
+        tokens frame 0 reads as its previous frame (default: the portrait's, as at a stream's
+        start); training on windows cut from the middle of a clip passes the frame before.
         """
         c = self.cfg
         B, T = tokens.shape[:2]
@@ -254,7 +256,8 @@ class EARTalkGPT(nn.Module):
                               ("cond", cond, (c.cond_tokens, c.cond_dim)), ("cond_mask", cond_mask, (c.cond_tokens,))):
             if tuple(t.shape) != (B, T, *tail):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, T, *tail)}")
-        prev = torch.cat([portrait_tokens[:, None], tokens[:, :-1]], dim=1)  # frame t reads frame t-1
+        first = portrait_tokens if prev_first is None else prev_first
+        prev = torch.cat([first[:, None], tokens[:, :-1]], dim=1)  # frame t reads frame t-1
         flat = lambda t: t.reshape(B * T, *t.shape[2:])
         ctx = self._context(flat(prev), self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
         frames = torch.cat([ctx, self._queries(B * T)], dim=1).view(B, T * (P + N), -1)

@@ -373,7 +373,8 @@ class TokenizerDecode(nn.Module):
 def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3, batch: int = 16,
                     out_dir: str | None = None, progress: bool = True, portrait_index=None,
                     tokenizer: VQTokenizer | None = None, seed: int = 0,
-                    warmup: float = 0.2, change_weight: float = 1.0) -> dict:
+                    warmup: float = 0.2, change_weight: float = 1.0,
+                    max_minutes: float | None = None) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -396,20 +397,26 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     tok = tokenizer or VQTokenizer(cfg)
     tok.train()
     opt = torch.optim.Adam(tok.parameters(), lr=lr, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    budget = max_minutes * 60 if max_minutes else float("inf")
     tail, t0 = [], time.time()
     warm = 0 if int(tok.vq.initialized) else int(warmup * steps)
+    last = steps - 1
     for step in range(steps):
+        # progress is steps or wall clock, whichever runs out first (the recipe has a time budget)
+        frac = min(1.0, max(step / steps, (time.time() - t0) / budget))
+        if frac >= 1.0 and step > warm:
+            last = step
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
         tok.vq.bypass = step < warm
         i = torch.randint(0, M, (batch,), generator=gen)
         d = tok.loss(frames[i], portraits[portrait_index[i]], change_weight=change_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
-        sched.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append({k: float(v.detach()) for k, v in d.items()})
+        tail.append({k: float(v.detach()) for k, v in d.items()})
+        tail = tail[-max(1, steps // 10):]
         if progress and (step % 100 == 0 or step == steps - 1):
             print(f"tokenizer step {step}/{steps} loss {float(d['loss'].detach()):.4f} "
                   f"psnr {float(d['psnr']):.2f} used {tok.codebook_usage()['used']} "
@@ -417,7 +424,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     tok.vq.bypass = False
     tok.eval()
     metrics = {k: float(np.mean([t[k] for t in tail])) for k in tail[0]}
-    metrics.update(codebook=tok.codebook_usage(), steps=steps)
+    metrics.update(codebook=tok.codebook_usage(), steps=last + 1, minutes=round((time.time() - t0) / 60, 2))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         tok.save(os.path.join(out_dir, "tokenizer.safetensors"))

@@ -1,0 +1,197 @@
+"""Train the transformer (and the audio encoder with it) by teacher forcing under the SFA mask.
+
+Each example is a window of ``T`` consecutive frames cut anywhere in a clip: the frames' tokens
+(from the frozen tokenizer), the clip's portrait tokens as the sink, the audio encoder's tokens
+for those frames, and the ground-truth controls with random dropout, so that the model learns
+both to obey a pinned control and to move on its own when a control is free.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from eartalk.data.corpus import list_clips, load_clip
+from eartalk.model.audio import LogMel
+from eartalk.model.bundle import ModelBundle
+from eartalk.model.conditions import controls_from_gt
+
+
+@dataclass
+class ClipTokens:
+    """What training needs of one clip, precomputed once."""
+    clip_id: str
+    tokens: np.ndarray      # int16 [T, N]
+    portrait: np.ndarray    # int16 [N]
+    mel: np.ndarray         # float32 [M, n_mels]
+    gt: dict
+
+
+def fit_size(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [..., H, W, 3] frames at ``size`` (only small presets train on downsized frames)."""
+    if frames.shape[-2] == size:
+        return frames
+    from PIL import Image
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    out = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR)) for x in flat])
+    return out.reshape(*frames.shape[:-3], size, size, 3)
+
+
+def clip_portrait(clip, size: int) -> np.ndarray:
+    """The sink frame: the identity's neutral portrait when known (synthetic), else frame 0."""
+    ident = clip.meta.get("identity")
+    if ident is not None:
+        from eartalk.data.face import render_portrait
+        from eartalk.data.identity import Identity
+        return fit_size(render_portrait(Identity.from_dict(ident), size=np.asarray(clip.frames).shape[1]), size)
+    return fit_size(np.asarray(clip.frames[0]), size)
+
+
+@torch.no_grad()
+def tokenize_corpus(bundle: ModelBundle, corpus: Path, split: str, max_clips: int | None = None,
+                    progress: bool = True) -> list[ClipTokens]:
+    tok, cfg = bundle.tokenizer.eval(), bundle.cfg
+    logmel = LogMel(cfg)
+    out = []
+    ids = list_clips(corpus, split)[:max_clips]
+    for cid in tqdm(ids, desc=f"tokenizing {split}", disable=not progress, unit="clip"):
+        clip = load_clip(corpus, cid)
+        frames = torch.from_numpy(fit_size(np.asarray(clip.frames), cfg.image_size)).permute(0, 3, 1, 2)
+        toks = torch.cat([tok.encode(frames[i:i + 128]) for i in range(0, len(frames), 128)])
+        portrait = torch.from_numpy(clip_portrait(clip, cfg.image_size)).permute(2, 0, 1)[None]
+        mel = logmel(torch.from_numpy(clip.audio.astype(np.float32)))[0]
+        out.append(ClipTokens(cid, toks.numpy().astype(np.int16), tok.encode(portrait)[0].numpy().astype(np.int16),
+                              mel.float().numpy(), clip.gt))
+    return out
+
+
+def _audio_tokens(bundle: ModelBundle, mel: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """Audio tokens [T, A, F] for frames start..start+T-1, with the encoder's left context."""
+    cfg, enc = bundle.cfg, bundle.audio
+    mpf, la, R = cfg.mels_per_frame, cfg.lookahead_frames, enc.receptive_field
+    hi = (start + T + la) * mpf                   # frame t reads mel < (t + 1 + la) * mpf
+    lo = hi - (T - 1) * mpf - R
+    pad_l, pad_r = max(0, -lo), max(0, hi - mel.shape[0])
+    from eartalk.model.audio import SILENCE_LOG_MEL
+    seg = mel[max(lo, 0):min(hi, mel.shape[0])]
+    seg = F.pad(seg[None], (0, 0, pad_l, pad_r), value=SILENCE_LOG_MEL)
+    return torch.stack([enc.step(seg[:, i * mpf:i * mpf + R])[0] for i in range(T)])
+
+
+def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, drop_prob: float,
+               rng: np.random.Generator):
+    toks, prev, port, aud, cond, mask = [], [], [], [], [], []
+    for _ in range(batch):
+        c = data[rng.integers(len(data))]
+        n = len(c.tokens)
+        s = int(rng.integers(0, max(1, n - T + 1)))
+        idx = np.minimum(np.arange(s, s + T), n - 1)
+        toks.append(torch.from_numpy(c.tokens[idx].astype(np.int64)))
+        prev.append(torch.from_numpy((c.tokens[s - 1] if s > 0 else c.portrait).astype(np.int64)))
+        port.append(torch.from_numpy(c.portrait.astype(np.int64)))
+        aud.append(_audio_tokens(bundle, torch.from_numpy(c.mel), s, T))
+        gt = {k: np.asarray(v)[idx] for k, v in c.gt.items() if k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion")}
+        cd, m = controls_from_gt(gt, drop_prob, rng)
+        cond.append(torch.from_numpy(cd))
+        mask.append(torch.from_numpy(m))
+    return tuple(torch.stack(x) for x in (toks, prev, port, aud, cond, mask))
+
+
+def gpt_loss(bundle: ModelBundle, b) -> torch.Tensor:
+    toks, prev, port, aud, cond, mask = b
+    logits = bundle.gpt.forward_train(toks, port, aud, cond, mask, prev_first=prev)
+    return F.cross_entropy(logits.flatten(0, 2), toks.flatten())
+
+
+def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
+              minutes: float = 50.0, max_steps: int = 100000, batch: int = 4, T: int | None = None,
+              lr: float = 1e-3, drop_prob: float = 0.5, seed: int = 0, progress: bool = True,
+              resume: bool = True) -> dict:
+    """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    T = T or bundle.cfg.window + 4
+    params = list(bundle.gpt.parameters()) + list(bundle.audio.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    ckpt = out_dir / "gpt_ckpt.pt"
+    hist = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+    step, spent = 0, 0.0
+    if resume and ckpt.exists():
+        st = torch.load(ckpt, weights_only=True)
+        bundle.gpt.load_state_dict(st["gpt"])
+        bundle.audio.load_state_dict(st["audio"])
+        opt.load_state_dict(st["opt"])
+        step, spent = int(st["step"]), float(st["spent"])
+        hist = json.loads(st["hist"])
+    rng = np.random.default_rng([seed, step])
+    budget = minutes * 60
+    warm = 200
+    vrng = np.random.default_rng(12345)
+    vbatches = [make_batch(bundle, val, batch, T, 0.5, vrng) for _ in range(4)] if val else []
+    bar = tqdm(total=max_steps, initial=step, desc="gpt", disable=not progress)
+    t0 = time.time() - spent
+    bundle.gpt.train()
+    bundle.audio.train()
+    while step < max_steps and time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for g in opt.param_groups:  # warm-up then cosine over the time budget
+            g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
+        loss = gpt_loss(bundle, make_batch(bundle, train, batch, T, drop_prob, rng))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        hist["step"].append(step)
+        hist["loss"].append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}")
+        if step % 200 == 0 or time.time() - t0 >= budget:
+            if vbatches:
+                hist["val_step"].append(step)
+                hist["val_loss"].append(_val_loss(bundle, vbatches))
+            torch.save({"gpt": bundle.gpt.state_dict(), "audio": bundle.audio.state_dict(),
+                        "opt": opt.state_dict(), "step": step, "spent": time.time() - t0,
+                        "hist": json.dumps(hist)}, ckpt)
+    bar.close()
+    bundle.eval()
+    plot_curves(hist, out_dir / "gpt_curves.png")
+    return {"steps": step, "minutes": round((time.time() - t0) / 60, 2),
+            "train_loss": float(np.mean(hist["loss"][-50:])) if hist["loss"] else None,
+            "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None}
+
+
+@torch.no_grad()
+def _val_loss(bundle: ModelBundle, batches) -> float:
+    bundle.gpt.eval()
+    bundle.audio.eval()
+    v = float(np.mean([float(gpt_loss(bundle, b)) for b in batches]))
+    bundle.gpt.train()
+    bundle.audio.train()
+    return v
+
+
+def plot_curves(hist: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if hist["loss"]:
+        k = max(1, len(hist["loss"]) // 100)
+        ax.plot(hist["step"][k - 1:], np.convolve(hist["loss"], np.ones(k) / k, mode="valid"), label="train")
+    if hist["val_loss"]:
+        ax.plot(hist["val_step"], hist["val_loss"], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("token cross-entropy")
+    ax.legend()
+    ax.set_title("transformer training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
