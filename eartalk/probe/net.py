@@ -30,14 +30,14 @@ class ProbeConfig:
     n_visemes: int = 10
     n_identities: int = 160       # training identities (classification head, for the embedding)
     embed_dim: int = 64
-    width: int = 32
+    width: int = 16
 
 
-def _block(cin, cout, stride):
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(),
-        nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(),
-    )
+def _block(cin, cout, stride, double=True):
+    layers = [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()]
+    if double:
+        layers += [nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()]
+    return nn.Sequential(*layers)
 
 
 class Probe(nn.Module):
@@ -47,11 +47,11 @@ class Probe(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        # 128 -> 64 -> 32 -> 16 -> 8 -> 4
-        self.trunk = nn.Sequential(_block(3, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
-                                   _block(4 * w, 4 * w, 2), _block(4 * w, 8 * w, 2))
-        feat = 8 * w * 4 * 4
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(feat, 256), nn.SiLU())
+        # 128 -> 64 -> 32 -> 16 -> 8 -> 4; full resolution gets one cheap conv (CPU training budget)
+        self.trunk = nn.Sequential(_block(3, w, 2, double=False), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
+                                   _block(4 * w, 8 * w, 2), _block(8 * w, 16 * w, 2, double=False))
+        feat = 16 * w * 4 * 4
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(feat, 256), nn.SiLU())
         self.viseme = nn.Linear(256, cfg.n_visemes)
         self.emotion = nn.Linear(256, len(EMOTIONS))
         self.blink = nn.Linear(256, 1)          # logit of "eyes closed" (blink >= 0.5)
