@@ -38,7 +38,7 @@ def _tokenizer_data(corpus: Path, size: int, every: int, max_clips, progress: bo
         clip = load_clip(corpus, cid)
         frames.append(fit_size(np.asarray(clip.frames)[::every], size))
         portraits.append(clip_portrait(clip, size))
-        index.append(np.full(len(f), i))
+        index.append(np.full(len(frames[-1]), i))
     to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))
     return to_chw(np.concatenate(frames)), to_chw(np.stack(portraits)), np.concatenate(index)
 
