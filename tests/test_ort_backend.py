@@ -1,0 +1,136 @@
+"""ONNX Runtime backend: parity with the torch backend over a 500-frame stream, IOBinding
+outputs, provider selection, and refusal of corrupt / foreign / tampered files at load."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from eartalk.export import metadata as md
+from eartalk.export.compare import BackendGraphs, bundle_hash, run_stream, synthetic_pcm
+from eartalk.export.onnx_export import export_onnx
+from eartalk.runtime.model_loader import load_model
+from eartalk.runtime.ort_backend import OrtBackend, provider_list
+from eartalk.runtime.torch_backend import TorchBackend
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model("test", random_init=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort_onnx")
+    b = bundle
+    export_onnx(b.cfg, b.gpt, b.tokenizer, b.audio, out, model_name="test", weights_hash=bundle_hash(b))
+    return out
+
+
+def test_backend_parity_500_frames(bundle, onnx_dir):
+    cfg, T = bundle.cfg, 500
+    pcm = synthetic_pcm(T / cfg.fps, seed=1)
+    ort_b = OrtBackend.from_bundle(onnx_dir, bundle)
+    torch_b = TorchBackend(bundle)
+    a = run_stream(BackendGraphs(torch_b), cfg, torch_b.receptive_field, T, pcm=pcm)
+    b = run_stream(BackendGraphs(ort_b), cfg, ort_b.receptive_field, T, pcm=pcm)
+    diff = float(np.abs(a["logits"] - b["logits"]).max())
+    assert diff <= 1e-4, diff
+    assert np.array_equal(a["tokens"], b["tokens"])
+    assert len(np.unique(a["tokens"])) > 1           # the stream is not a constant
+    # identical frames: the uint8 pixels every backend emits (Backend.decode's rounding)
+    from eartalk.runtime.backend import to_uint8_frames
+    assert np.array_equal(to_uint8_frames(a["images"]), to_uint8_frames(b["images"]))
+
+
+def test_outputs_are_fresh_arrays_with_the_contract_dtypes(bundle, onnx_dir):
+    be = OrtBackend(onnx_dir, bundle.cfg)
+    c = bundle.cfg
+    pk = np.zeros((c.n_layer, 2, c.n_head, c.cache_tokens, c.head_dim), np.float32)
+    lag = np.full((2, c.cache_tokens), -2, np.int32)
+    lag[:, :c.page_tokens] = -1
+    args = (np.zeros((2, c.tokens_per_frame), np.int64), np.zeros((2, c.audio_tokens, c.audio_dim), np.float32),
+            np.zeros((2, c.cond_tokens, c.cond_dim), np.float32), np.zeros((2, c.cond_tokens), bool), pk, pk, lag)
+    l1, k1, v1 = be.step(*args)
+    l2, k2, v2 = be.step(*args)
+    assert l1.shape == (2, c.tokens_per_frame, c.codebook_size) and k1.shape == (c.n_layer, 2, c.n_head, c.page_tokens, c.head_dim)
+    assert l1.dtype == k1.dtype == np.float32
+    # IOBinding writes into new buffers per call: a kept result is never overwritten by the next
+    assert not np.shares_memory(l1, l2) and not np.shares_memory(k1, k2)
+    np.testing.assert_array_equal(l1, l2)
+    assert be.receptive_field == bundle.audio.receptive_field
+
+
+def test_unknown_provider_lists_available():
+    with pytest.raises(RuntimeError, match=r"no CUDAExecutionProvider; available providers: \[.*'CPUExecutionProvider'"):
+        provider_list("cuda")
+    assert provider_list("cpu") == ["CPUExecutionProvider"]
+
+
+def test_truncated_file_refused(bundle, onnx_dir, tmp_path):
+    d = tmp_path / "o"
+    shutil.copytree(onnx_dir, d)
+    data = (d / "prefill.onnx").read_bytes()
+    (d / "prefill.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(md.ArtifactError, match=r"prefill\.onnx: sha256 .* does not match the manifest"):
+        OrtBackend(d, bundle.cfg)
+    # with the manifest "fixed" to the truncated bytes the parse itself refuses it
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["prefill"]["sha256"] = md.file_sha256(d / "prefill.onnx")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(md.ArtifactError, match=r"prefill\.onnx: not a readable ONNX model"):
+        OrtBackend(d, bundle.cfg)
+
+
+def test_other_config_refused(bundle, onnx_dir):
+    from eartalk.model.config import preset
+    with pytest.raises(md.ArtifactError, match=r"manifest\.json: exported for another model config: window=3 \(expected 4\)"):
+        OrtBackend(onnx_dir, preset("test", window=4))
+
+
+def test_other_weights_refused(onnx_dir):
+    other = load_model("test", random_init=True, seed=1)
+    with pytest.raises(md.ArtifactError, match="weights sha256 .* does not match the model's"):
+        OrtBackend.from_bundle(onnx_dir, other)
+
+
+def test_file_from_another_version_refused(bundle, onnx_dir, tmp_path):
+    d = tmp_path / "o"
+    shutil.copytree(onnx_dir, d)
+    m = onnx.load(str(d / "step.onnx"))
+    md.write_props(m, {"eartalk.version": "0.0.9"})
+    onnx.save(m, str(d / "step.onnx"))
+    man = json.loads((d / "manifest.json").read_text())
+    man["files"]["step"]["sha256"] = md.file_sha256(d / "step.onnx")   # consistent but foreign
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(md.ArtifactError, match=r"step\.onnx: exported by eartalk 0\.0\.9"):
+        OrtBackend(d, bundle.cfg)
+
+
+def test_swapped_file_refused(bundle, onnx_dir, tmp_path):
+    d = tmp_path / "o"
+    shutil.copytree(onnx_dir, d)
+    shutil.copy(d / "prefill.onnx", d / "step.onnx")
+    man = json.loads((d / "manifest.json").read_text())
+    man["files"]["step"]["sha256"] = md.file_sha256(d / "step.onnx")
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(md.ArtifactError, match=r"step\.onnx: graph kind 'prefill', expected 'step'"):
+        OrtBackend(d, bundle.cfg)
+
+
+def test_open_session_through_onnxruntime_matches_torch(bundle, onnx_dir):
+    """The runtime's own session/engine, backend="onnxruntime" vs "torch": the same frames."""
+    from eartalk.runtime import open_session
+    rng = np.random.default_rng(0)
+    portrait = rng.integers(0, 256, (bundle.cfg.image_size, bundle.cfg.image_size, 3), dtype=np.uint8)
+    pcm = synthetic_pcm(1.2, seed=2)
+    out = {}
+    for backend, extra in (("torch", {}), ("onnxruntime", {"onnx_dir": onnx_dir})):
+        s = open_session("test", backend=backend, portrait=portrait, random_init=True, seed=0, **extra)
+        s.push_audio(pcm)
+        s.flush()
+        out[backend] = np.stack([f.image for f in s.frames()])
+        s.close()
+    assert len(out["torch"]) == 30
+    assert np.array_equal(out["torch"], out["onnxruntime"])
