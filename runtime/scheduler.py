@@ -1,0 +1,204 @@
+"""The Engine: one backend, one page pool + pool tensor, all live sessions, one batched step per tick.
+
+``tick()`` takes every open session with a frame's audio ready and runs them as one batch:
+
+    build_page_table -> gather (dense past) -> backend.step (ONE call) -> begin_step -> append
+    -> per-session sampling -> backend.decode -> each session's frame queue
+
+(the call order ``runtime/page_table.py`` documents). Sessions join (``open_session``) and leave
+(``close_session``) between any two ticks; they need not be at the same frame.
+
+Admission: a session needs ``sink_frames + W`` pages for its whole life, and the engine reserves
+them at open, so a running session can never hit a full pool mid-stream; a new session that would
+not fit gets ``PoolFullError`` naming the pool size.
+
+Isolation: a session whose own input fails (bad PCM, a portrait that does not encode, an error
+building its step inputs) is closed, its pages freed, and the other sessions run on. If the batched
+step itself raises, each session is retried alone to find the failing one(s); with a
+batch-invariant backend the survivors' outputs are unchanged by that retry.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import torch
+
+from .kv_cache import KVCache
+from .page_pool import PagePool, PoolFullError
+from .page_table import SessionPages, build_page_table
+from .session import Session, StreamState
+
+__all__ = ["Engine", "PoolFullError"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Serves many sessions on one backend. ``max_sessions`` sizes the pool (default ``cfg.max_batch``)."""
+
+    def __init__(self, backend, max_sessions: int | None = None, num_pages: int | None = None):
+        self.backend = backend
+        self.cfg = cfg = backend.cfg
+        self.pages_per_session = cfg.sink_frames + cfg.window
+        if num_pages is None:
+            n = cfg.max_batch if max_sessions is None else max_sessions
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"max_sessions must be a positive int, got {max_sessions!r}")
+            num_pages = n * self.pages_per_session
+        self.pool = PagePool(num_pages)
+        self.cache = KVCache(num_pages, cfg, device=getattr(backend, "device", "cpu"))
+        self.sessions: list[StreamState] = []
+        self._ids = itertools.count()
+        self.ticks = 0
+        self.closed = False
+
+    @property
+    def capacity(self) -> int:
+        """Sessions the pool can hold at once."""
+        return self.pool.num_pages // self.pages_per_session
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, portrait, *, realtime: bool = False, temperature: float = 0.0,
+                     top_k: int | None = None, seed: int = 0, idle_motion: bool = True,
+                     controls: dict | None = None, _owns_engine: bool = False) -> Session:
+        """Encode the portrait, reserve and prefill the sink page(s); -> :class:`Session`.
+
+        ``portrait``: uint8 RGB array [H, W, 3] or an image path. Raises ``PoolFullError`` when the
+        pool cannot hold one more session; nothing is held on any error.
+        """
+        if self.closed:
+            raise RuntimeError("Engine is closed")
+        if len(self.sessions) + 1 > self.capacity:
+            raise PoolFullError(
+                f"KV page pool full: {len(self.sessions)} sessions already hold the pool of "
+                f"{self.pool.num_pages} pages ({self.pages_per_session} pages per session, room for "
+                f"{self.capacity}); close a session or build the Engine with a larger max_sessions")
+        image = _load_portrait(portrait)
+        tokens, ref = self.backend.encode_portrait(image)           # may raise: nothing held yet
+        pages = SessionPages(self.pool, self.cfg)
+        try:
+            k, v = self.backend.prefill(tokens[None])
+            k, v = _expand_sinks(k, v, self.cfg.sink_frames)
+            self.cache.append(np.asarray(pages.sink_pages, np.int32), k, v)
+            state = StreamState(next(self._ids), self.cfg, self.backend, pages, tokens, ref,
+                                temperature=temperature, top_k=top_k, seed=seed, idle_motion=idle_motion)
+            if controls:
+                state.control(None, **controls)
+        except BaseException:
+            pages.close()
+            raise
+        self.sessions.append(state)
+        return Session(self, state, realtime=realtime, owns_engine=_owns_engine)
+
+    def close_session(self, state: StreamState, reason: str = "closed by the user",
+                      error: BaseException | None = None) -> None:
+        state.close(reason, error)
+        if state in self.sessions:
+            self.sessions.remove(state)
+
+    def close(self) -> None:
+        """Close every session and the backend. Idempotent."""
+        for s in list(self.sessions):
+            self.close_session(s, "engine closed")
+        self.closed = True
+
+    def _guard(self, state: StreamState, what: str, fn, *args):
+        """Run a session's own work; on failure close that session (pages freed) and re-raise."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.close_session(state, what, e)
+            raise
+
+    # ------------------------------------------------------------------ stepping
+    def tick(self) -> int:
+        """Step every session with a frame ready, as one batch. Returns the number stepped."""
+        batch, inputs = [], []
+        for s in [s for s in self.sessions if s.ready]:
+            try:
+                inputs.append(s.step_inputs())
+                batch.append(s)
+            except Exception as e:          # this session's input only: the others run on
+                log.warning("session %d closed: its step input failed: %s", s.sid, e)
+                self.close_session(s, "its step input failed", e)
+        if not batch:
+            return 0
+        try:
+            self._step(batch, inputs)
+        except Exception:
+            for s, inp in zip(batch, inputs):     # find the culprit(s); the others still step
+                try:
+                    self._step([s], [inp])
+                except Exception as e:
+                    log.warning("session %d closed: its step failed: %s", s.sid, e)
+                    self.close_session(s, "its step failed", e)
+        self.ticks += 1
+        return len(batch)
+
+    def _step(self, batch: list[StreamState], inputs) -> None:
+        table = build_page_table([s.pages for s in batch])
+        past_k, past_v, past_lag = self.cache.gather(table)
+        audio = np.stack([i[0] for i in inputs])
+        cond = np.stack([i[1] for i in inputs])
+        cond_mask = np.stack([i[2] for i in inputs])
+        prev = np.stack([s.prev_tokens for s in batch])
+        step_torch = getattr(self.backend, "step_torch", None)
+        if step_torch is not None:     # keeps K/V as torch tensors: no copy through numpy
+            logits, new_k, new_v = step_torch(prev, audio, cond, cond_mask, past_k, past_v, past_lag)
+            logits = logits.detach().cpu().numpy()
+        else:
+            logits, new_k, new_v = self.backend.step(prev, audio, cond, cond_mask, past_k.cpu().numpy(),
+                                                     past_v.cpu().numpy(), past_lag.cpu().numpy())
+            new_k, new_v = torch.from_numpy(np.asarray(new_k)), torch.from_numpy(np.asarray(new_v))
+        tokens = np.stack([s.pick_tokens(logits[b]) for b, s in enumerate(batch)])
+        images = self.backend.decode(tokens, np.stack([s.ref for s in batch]))
+        # Nothing above changed any session: a failure there can be retried per session.
+        pages = [s.pages.begin_step() for s in batch]
+        self.cache.append(pages, new_k, new_v)
+        for b, s in enumerate(batch):
+            s.emit(tokens[b], images[b])
+
+    def run_until_idle(self) -> int:
+        """Tick until no session has a frame ready; returns the number of ticks."""
+        n = 0
+        while self.tick():
+            n += 1
+        return n
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Engine(backend={self.backend.name}, sessions={len(self.sessions)}/{self.capacity}, "
+                f"pages={self.pool.num_used}/{self.pool.num_pages})")
+
+
+def _expand_sinks(k, v, sink_frames: int):
+    """Prefill gives one sink page [L,1,H,P,D]; with several sink frames each holds the portrait."""
+    k, v = torch.as_tensor(np.asarray(k)), torch.as_tensor(np.asarray(v))
+    if sink_frames == 1:
+        return k, v
+    return k.expand(-1, sink_frames, -1, -1, -1).contiguous(), v.expand(-1, sink_frames, -1, -1, -1).contiguous()
+
+
+def _load_portrait(portrait) -> np.ndarray:
+    """An image path or array -> uint8 RGB array (validated further by ``encode_portrait``)."""
+    if isinstance(portrait, np.ndarray):
+        return portrait
+    from pathlib import Path
+    if isinstance(portrait, (str, Path)):
+        p = Path(portrait)
+        if not p.is_file():
+            raise FileNotFoundError(f"portrait image not found: {p}")
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(p) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"portrait {p} is not a readable image: {e}") from e
+    raise ValueError(f"portrait must be an image path or a uint8 RGB array [H, W, 3], got {type(portrait).__name__}")
