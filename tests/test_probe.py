@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eartalk.data import face, identity
-from eartalk.data.mouth import MouthShape
+from eartalk.data import face, identity, visemes
 from eartalk.probe.net import SHIPPED, Probe, ProbeConfig, load_probe, predict, save_probe
 
 
@@ -45,19 +44,22 @@ def test_shipped_probe_reads_fresh_renders():
     probe = load_probe()
     rng = np.random.default_rng(2026)
     frames, want = [], []
-    for i in range(24):
+    for i in range(30):
         ident = identity.Identity.sample(rng)
         yaw = float(rng.uniform(-25, 25))
         blink = float(i % 2)
         emo = i % 5
-        st = face.FaceState(mouth=MouthShape(open=float(i % 3) / 2), yaw=yaw, blink=blink, emotion=emo)
+        vis = int(rng.integers(len(visemes.VISEMES)))
+        mouth = visemes.TARGETS[visemes.VISEMES[vis]]
+        st = face.FaceState(mouth=mouth, yaw=yaw, blink=blink, emotion=emo)
         frames.append(face.render(ident, st, 128))
-        want.append((yaw, blink, emo, (i % 3) / 2))
+        want.append((yaw, blink, emo, mouth.open, vis))
     p = predict(probe, np.stack(frames))
     want = np.array(want)
     assert np.mean(np.abs(p["yaw"] - want[:, 0])) < 4.0
     assert np.mean(p["blink"] == want[:, 1]) >= 0.9
     assert np.mean(p["emotion"] == want[:, 2]) >= 0.8
-    assert np.corrcoef(p["mouth_open"], want[:, 3])[0, 1] > 0.8
+    assert np.corrcoef(p["mouth_open"], want[:, 3])[0, 1] > 0.9
+    assert np.mean(p["viseme"] == want[:, 4]) >= 0.7
     meta = json.loads((SHIPPED / "probe.json").read_text())
     assert meta["report"]["targets_met"] is True

@@ -111,12 +111,3 @@ def load_bundle(model: str | Path, expect_config: ModelConfig | None = None) -> 
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     bundle.meta = {k: v for k, v in card.items() if k not in ("config",)}
     return bundle.eval()
-
-
-def bundle_from_preset_or_dir(model: str | Path, random_init: bool = False, seed: int = 0) -> ModelBundle:
-    """What the runtime calls: a trained bundle, or (explicitly) a random one of a preset."""
-    if random_init:
-        if not (isinstance(model, str) and model in PRESETS):
-            raise ValueError(f"random_init needs a preset name ({sorted(PRESETS)}), got {model!r}")
-        return new_bundle(preset(model), seed)
-    return load_bundle(model)
