@@ -64,12 +64,15 @@ class Mp4Writer:
             v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
             v.codec_context.thread_count = 1
             v.codec_context.flags |= int(av.codec.context.Flags.bitexact)
-            v.options = {"crf": str(int(crf)), "preset": "medium"}
+            # one x264 thread and no lookahead threads: thread scheduling must not change bytes
+            v.options = {"crf": str(int(crf)), "preset": "medium", "threads": "1",
+                         "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
             self._video = v
             self._audio = None
             if audio_rate is not None:
                 a = self._container.add_stream("aac", rate=int(audio_rate), layout="mono")
                 a.codec_context.flags |= int(av.codec.context.Flags.bitexact)
+                a.codec_context.thread_count = 1
                 self._audio = a
         except BaseException:
             self.abort()
