@@ -1,4 +1,6 @@
 """mp4 writing (streamed, atomic, deterministic) and decoding with fps resampling."""
+import os
+
 import numpy as np
 import pytest
 
@@ -60,7 +62,7 @@ def test_streaming_writer(tmp_path):
         for f in fr:
             w.write(f)
             w.write_audio((_sine(0.04) * 32767).astype(np.int16))  # int16 chunks accepted
-        assert not p.exists() and (tmp_path / "s.mp4.partial").exists()
+        assert not p.exists() and (tmp_path / f"s.mp4.{os.getpid()}.partial").exists()
     frames, audio = read_video(p)
     assert frames.shape == (12, 32, 32, 3)
     assert abs(len(audio) - 12 * 640) <= 640

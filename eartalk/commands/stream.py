@@ -1,12 +1,13 @@
 """`eartalk stream`: drive a streaming session from an audio file or live PCM on stdin."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from eartalk.controls_timeline import apply_timeline, load_timeline
 
 HELP = "stream a talking head from an audio file or live PCM on stdin (mp4 or raw RGB out)"
 DESCRIPTION = """Stream a talking head: one portrait plus speech in, frames out as soon as their audio
@@ -42,40 +43,6 @@ def add_arguments(p):
     p.add_argument("--realtime", action="store_true", help="feed a file in real time and pace output to 25 fps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no live stats line")
-
-
-def load_timeline(path: Path, fps: int) -> list[tuple[int, dict]]:
-    """Timeline JSON -> sorted [(frame, {control: value})]; validates every event up front."""
-    from eartalk.model.conditions import encode_controls
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"controls timeline not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"controls timeline {path} is not valid JSON: {e}") from e
-    events = doc.get("events") if isinstance(doc, dict) else None
-    if not isinstance(events, list):
-        raise ValueError(f"controls timeline {path}: expected {{\"events\": [...]}}, got {type(doc).__name__}")
-    out = []
-    for i, ev in enumerate(events):
-        if not isinstance(ev, dict) or ("t" in ev) == ("frame" in ev):
-            raise ValueError(f"controls timeline {path}: event {i} needs exactly one of \"t\" (seconds) "
-                             f"or \"frame\", got {ev!r}")
-        at = ev.get("frame", None)
-        if at is None:
-            t = ev["t"]
-            if not isinstance(t, (int, float)) or t < 0:
-                raise ValueError(f"controls timeline {path}: event {i} has t={t!r}; expected seconds >= 0")
-            at = int(round(t * fps))
-        elif not isinstance(at, int) or at < 0:
-            raise ValueError(f"controls timeline {path}: event {i} has frame={at!r}; expected an int >= 0")
-        values = {k: v for k, v in ev.items() if k not in ("t", "frame")}
-        try:
-            encode_controls(values)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"controls timeline {path}: event {i}: {e}") from None
-        out.append((at, values))
-    return sorted(out, key=lambda e: e[0])
 
 
 class _Sink:
@@ -164,8 +131,7 @@ def run(args) -> int:
     engine = Engine(backend, max_sessions=1)
     session = engine.open_session(args.portrait, realtime=args.realtime or live, seed=args.seed,
                                   temperature=args.temperature, top_k=args.top_k)
-    for at, values in timeline:
-        session.control(at_frame=at, **values)
+    apply_timeline(session, timeline)
     spc = cfg.sample_rate * CHUNK_MS // 1000
     chunks = _chunks_from_stdin(spc) if live else _chunks_from_file(args.audio, spc, args.realtime, cfg.sample_rate)
     sink = _Sink(args.out, cfg.image_size, cfg.fps, cfg.sample_rate)

@@ -204,12 +204,17 @@ def synthesize_corpus(out: Path, clips: int, seed: int, size: int = 128, workers
                       n_identities: int | None = None, voices: tuple[str, ...] | None = None,
                       progress: bool = True) -> dict:
     """Generate (or finish) a corpus; returns the data card."""
-    from tqdm import tqdm
     validate_args(out, clips, size, voices)
     out = Path(out)
     voices = tuple(voices or speech.VOICES)
     n_identities = n_identities or default_identities(clips)
     assignment = split_assignment(seed, n_identities, voices)
+    with _run_lock(out):
+        return _synthesize(out, clips, seed, size, workers, assignment, progress)
+
+
+def _synthesize(out: Path, clips: int, seed: int, size: int, workers, assignment: dict, progress: bool) -> dict:
+    from tqdm import tqdm
     corpus.cleanup_partial(out)
     plans = [plan_clip(i, seed, assignment) for i in range(clips)]
     todo = [p for p in plans if not corpus.clip_done(out, p.clip_id)]
@@ -230,6 +235,30 @@ def synthesize_corpus(out: Path, clips: int, seed: int, size: int = 128, workers
     corpus.write_splits(out, splits)
     card = data_card(out, plans, assignment, seed, size)
     return card
+
+
+class _run_lock:
+    """One synth per output folder at a time: a second run would delete the first's temp files."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".synth.lock"
+
+    def __enter__(self):
+        if self.path.exists():
+            try:
+                pid = int(self.path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                alive = pid != os.getpid()
+            except (ValueError, ProcessLookupError, PermissionError):
+                alive = False
+            if alive:
+                raise RuntimeError(f"another `eartalk synth` (pid {pid}) is writing to {self.path.parent}; "
+                                   f"wait for it or stop it (its lock: {self.path})")
+        self.path.write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
 
 
 def validate_args(out, clips, size, voices) -> None:

@@ -33,7 +33,7 @@ class Mp4Writer:
     ``size`` is (height, width) or an int for square frames; both must be even (yuv420p halves the
     chroma planes). ``audio_rate=None`` writes a video-only file.
 
-    Output goes to ``<path>.partial`` and is renamed to ``path`` by :meth:`close`; if the writer
+    Output goes to ``<path>.<pid>.partial`` and is renamed to ``path`` by :meth:`close`; if the writer
     is used as a context manager and the block raises, or :meth:`abort` is called, the partial file
     is deleted. So ``path`` only ever holds a complete file.
 
@@ -43,7 +43,8 @@ class Mp4Writer:
 
     def __init__(self, path, fps: int = FPS, size=128, audio_rate: int | None = SAMPLE_RATE, crf: int = 18):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        # the pid keeps two writers of the same path (an interrupted run's straggler, say) apart
+        self.partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
         self.height, self.width = _hw(size)
         if self.height <= 0 or self.width <= 0 or self.height % 2 or self.width % 2:
             raise ValueError(f"Mp4Writer({self.path}): frame size must be positive and even for "

@@ -1,0 +1,361 @@
+"""Evaluate a model on held-out synthetic clips, measured by the shipped probe (``load_probe()``).
+
+Per held-out clip (the clip's neutral portrait via ``train_gpt.clip_portrait`` + its speech),
+through the streaming runtime:
+
+- **pinned run**: every non-audio control (yaw, pitch, roll, gaze_x, gaze_y, blink, emotion) is
+  pinned to the clip's ground truth at every frame (``session.control(at_frame=t, ...)``).
+  Gives PSNR / SSIM against the renderer's own frames, and control fidelity read by the probe:
+  yaw/pitch MAE (degrees; every frame's pin is a change, measured on the frame it applies to),
+  blink (probe's eyes-closed == pinned blink >= 0.5) on every frame and on the first frame after
+  each open/closed switch, emotion recognised (target: >= 90 % of frames).
+- **free run**: no controls (the runtime's idle motion in silence, as in the product). Gives
+  lip-sync: Pearson r of the probe's mouth openness with the ground truth, viseme accuracy.
+- **drift**: one clip's audio looped to ``frames_drift`` frames, controls free; cosine distance of
+  the probe's identity embedding from frame 1 at frames 100, 1000, ..., a PNG plot of distance vs
+  frame, the slope of a linear fit (per 1000 frames) and dist(last) / dist(100).
+
+The **ceiling** is the same metrics computed by the probe on the ground-truth renders themselves
+(PSNR/SSIM of the renders against themselves are inf / 1; for drift, the clip's own frames looped):
+what a perfect model would score with this instrument.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["psnr", "ssim", "pearson", "pinned_timeline", "evaluate", "format_table", "drift_checkpoints"]
+
+PINNED = ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion")
+EMOTION_TARGET = 0.90
+DRIFT_SAMPLES = 100          # evenly spaced frames (plus checkpoints) probed for the drift curve
+
+
+# ----------------------------------------------------------------------------- image metrics
+def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim not in (2, 3):
+        raise ValueError(f"images must have the same shape [H, W] or [H, W, C], got {a.shape} and {b.shape}")
+    return a.astype(np.float64), b.astype(np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB (``inf`` for identical images)."""
+    a, b = _check_pair(a, b)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0, sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang et al. 2004): gaussian window sigma 1.5 (11 taps),
+    K1 = 0.01, K2 = 0.03, per channel, borders reflected; 1.0 for identical images."""
+    from scipy.ndimage import gaussian_filter
+    a, b = _check_pair(a, b)
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    win = dict(sigma=(sigma, sigma, 0), truncate=3.5, mode="reflect")
+    mu_a, mu_b = gaussian_filter(a, **win), gaussian_filter(b, **win)
+    var_a = gaussian_filter(a * a, **win) - mu_a ** 2
+    var_b = gaussian_filter(b * b, **win) - mu_b ** 2
+    cov = gaussian_filter(a * b, **win) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(np.mean(s))
+
+
+def pearson(x, y) -> float:
+    """Pearson r; NaN when either side is constant (e.g. a model that never moves the mouth)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+# ----------------------------------------------------------------------------- controls
+def pinned_timeline(gt: dict[str, np.ndarray], n_frames: int) -> list[tuple[int, dict]]:
+    """Ground truth -> one event per frame pinning every non-audio control to its true value."""
+    from eartalk.model.config import CONTROLS, EMOTIONS
+    events = []
+    for t in range(n_frames):
+        values = {}
+        for name in PINNED:
+            if name == "emotion":
+                values[name] = EMOTIONS[int(gt[name][t])]
+            else:
+                lo, hi = CONTROLS[name][2]
+                values[name] = float(np.clip(float(gt[name][t]), lo, hi))
+        events.append((t, values))
+    return events
+
+
+def _control_metrics(pred: dict, lab: dict) -> dict:
+    closed = np.asarray(lab["blink"]) >= 0.5
+    switch = np.zeros_like(closed)
+    switch[1:] = closed[1:] != closed[:-1]
+    switch &= np.asarray(lab["first"]) == 0            # not across a clip boundary
+    ok_blink = pred["blink"].astype(bool) == closed
+    yaw = float(np.mean(np.abs(pred["yaw"] - lab["yaw"])))
+    pitch = float(np.mean(np.abs(pred["pitch"] - lab["pitch"])))
+    emo = float(np.mean(pred["emotion"] == lab["emotion"]))
+    return {
+        "yaw_mae_deg": yaw, "pitch_mae_deg": pitch,
+        "blink_accuracy": float(np.mean(ok_blink)),
+        "blink_next_frame_accuracy": float(np.mean(ok_blink[switch])) if switch.any() else math.nan,
+        "blink_switches": int(switch.sum()),
+        "emotion_accuracy": emo, "emotion_target_met": bool(emo >= EMOTION_TARGET),
+    }
+
+
+def _lipsync_metrics(pred: dict, lab: dict) -> dict:
+    return {"mouth_open_pearson_r": pearson(pred["mouth_open"], lab["mouth_open"]),
+            "viseme_accuracy": float(np.mean(pred["viseme"] == lab["viseme"]))}
+
+
+# ----------------------------------------------------------------------------- running the model
+def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_frame=None):
+    """Run one session; -> list of the kept frames' images (all when ``keep`` is None)."""
+    from eartalk.controls_timeline import apply_timeline
+    from eartalk.generate import stream_frames
+    from eartalk.runtime import Engine
+    engine = Engine(backend, max_sessions=1)
+    kept = []
+    try:
+        session = engine.open_session(portrait, seed=seed)
+        apply_timeline(session, timeline)
+        for f in stream_frames(session, audio):
+            if keep is None or f.index in keep:
+                kept.append(f.image)
+            if on_frame is not None:
+                on_frame(f)
+    finally:
+        engine.close()
+    return kept
+
+
+def _probe(probe, frames) -> dict:
+    from eartalk.model.train_gpt import fit_size
+    from eartalk.probe.net import predict
+    return predict(probe, fit_size(np.asarray(frames), probe.cfg.image_size), batch=64)
+
+
+def _cat(parts: list[dict]) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def drift_checkpoints(n: int) -> tuple[list[int], int]:
+    """(1-based frame numbers 100, 1000, ... up to ``n``, plus ``n``; the ratio's reference frame).
+
+    The reference is frame 100 (frame n // 10, at least 2, for runs shorter than 100 frames)."""
+    if n < 2:
+        raise ValueError(f"--frames-drift must be >= 2, got {n}")
+    ref = 100 if n >= 100 else max(2, n // 10)
+    cps, c = {ref, n}, 100
+    while c <= n:
+        cps.add(c)
+        c *= 10
+    return sorted(cps), ref
+
+
+def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool) -> dict:
+    from tqdm import tqdm
+    cps, ref = drift_checkpoints(n)
+    grid = np.unique(np.linspace(1, n, min(n, DRIFT_SAMPLES)).round().astype(int))
+    frames_1b = sorted(set(grid.tolist()) | set(cps) | {1})
+    keep = {f - 1 for f in frames_1b}
+    spf = backend.cfg.samples_per_frame
+    audio = np.resize(clip.audio.astype(np.float32), n * spf)      # the clip's speech, looped
+    bar = tqdm(total=n, desc="drift", unit="frame", disable=not progress, file=sys.stderr)
+    t0 = time.perf_counter()
+    kept = _frames_of(backend, portrait, audio, seed=seed, keep=keep, on_frame=lambda f: bar.update())
+    bar.close()
+    secs = time.perf_counter() - t0
+
+    def curve(images):
+        emb = _probe(probe, images)["embedding"].astype(np.float64)
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        return 1.0 - emb @ emb[0]
+
+    ours = curve(kept)
+    ceil = curve(gt_frames[[(f - 1) % len(gt_frames) for f in frames_1b]])
+
+    def summary(d):
+        at = dict(zip(frames_1b, d.tolist()))
+        slope = float(np.polyfit(frames_1b, d, 1)[0] * 1000) if len(frames_1b) > 1 else math.nan
+        return {"distance_at": {str(c): at[c] for c in cps}, "slope_per_1000_frames": slope,
+                "ratio": at[n] / at[ref] if at[ref] > 0 else math.nan}
+    return {"clip": clip.clip_id, "frames": n, "ratio_frames": [n, ref], "fps": n / secs if secs else math.nan,
+            "curve_frames": frames_1b, "curve": ours.tolist(), "ceiling_curve": ceil.tolist(),
+            **summary(ours), "ceiling": summary(ceil)}
+
+
+def _plot_drift(d: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(d["curve_frames"], d["curve"], label=f"model (slope {d['slope_per_1000_frames']:.2g}/1000 frames)")
+    ax.plot(d["curve_frames"], d["ceiling_curve"], label="ground-truth renders (ceiling)", alpha=0.7)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("identity distance from frame 1 (1 - cos)")
+    ax.set_title(f"identity drift, clip {d['clip']}, looped audio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the evaluation
+def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000, max_clips: int | None = None,
+             random_init: bool = False, seed: int = 0, probe=None, backend=None, progress: bool = True) -> dict:
+    """Evaluate ``model`` (preset name or bundle directory) on ``data``'s ``split``; write the
+    report JSON to ``out`` and the drift plot beside it (``<out stem>.drift.png``); -> the report.
+
+    ``probe``: a loaded probe (default: the shipped one); ``backend``: a ready runtime backend
+    (default: ``make_backend(model, "torch", random_init, seed)``).
+    """
+    from tqdm import tqdm
+
+    from eartalk.data.corpus import list_clips, load_clip
+    from eartalk.model.train_gpt import clip_portrait, fit_size
+    from eartalk.probe.net import load_probe
+    from eartalk.generate import open_backend
+    out = Path(out)
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out {out}: expected a .json file name for the report")
+    if max_clips is not None and max_clips < 1:
+        raise ValueError(f"--max-clips must be >= 1, got {max_clips}")
+    drift_checkpoints(frames_drift)                      # validates
+    ids = list_clips(data, split)                        # unknown split: lists the known ones
+    if max_clips:
+        ids = ids[:max_clips]
+    if not ids:
+        raise ValueError(f"corpus {data} has no clips in split {split!r}")
+    probe = probe or load_probe()
+    own_backend = backend is None
+    backend = backend or open_backend(model, "torch", random_init=random_init, seed=seed)
+    cfg = backend.cfg
+    t0 = time.perf_counter()
+    pinned, free, truth, labels, per_clip = [], [], [], [], []
+    psnrs, ssims = [], []
+    first = None
+    try:
+        for cid in tqdm(ids, desc=f"eval {split}", unit="clip", disable=not progress, file=sys.stderr):
+            clip = load_clip(data, cid)
+            if clip.gt is None:
+                raise ValueError(f"clip {cid} of {data} has no ground truth (.gt.csv); eval needs synthetic clips")
+            gt_frames = fit_size(np.asarray(clip.frames), cfg.image_size)
+            portrait = clip_portrait(clip, cfg.image_size)
+            n = len(gt_frames)
+            c_psnr, c_ssim = [], []
+
+            def score(f):
+                if f.index < n:
+                    c_psnr.append(psnr(f.image, gt_frames[f.index]))
+                    c_ssim.append(ssim(f.image, gt_frames[f.index]))
+            gen_pinned = _frames_of(backend, portrait, clip.audio, pinned_timeline(clip.gt, n), seed, on_frame=score)
+            gen_free = _frames_of(backend, portrait, clip.audio, (), seed)
+            m = min(n, len(gen_pinned), len(gen_free))
+            lab = {k: np.asarray(clip.gt[k])[:m] for k in ("yaw", "pitch", "blink", "emotion", "mouth_open", "viseme")}
+            lab["first"] = (np.arange(m) == 0).astype(np.int64)
+            p_pin, p_free, p_gt = _probe(probe, gen_pinned[:m]), _probe(probe, gen_free[:m]), _probe(probe, gt_frames[:m])
+            pinned.append(p_pin), free.append(p_free), truth.append(p_gt), labels.append(lab)
+            psnrs += c_psnr[:m]
+            ssims += c_ssim[:m]
+            per_clip.append({"clip": cid, "frames": m, "psnr_db": _mean_psnr(c_psnr[:m]), "ssim": float(np.mean(c_ssim[:m])),
+                             **_lipsync_metrics(p_free, lab), **_control_metrics(p_pin, lab)})
+            if first is None:
+                first = (clip, portrait, gt_frames)
+        drift = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress)
+    finally:
+        if own_backend:
+            backend.close()
+    lab = _cat(labels)
+    P, F, G = _cat(pinned), _cat(free), _cat(truth)
+    ref_frame = first[2][0]                     # the renders against themselves: inf / 1.0
+    metrics = {"psnr_db": _mean_psnr(psnrs), "ssim": float(np.mean(ssims)),
+               **_lipsync_metrics(F, lab), **_control_metrics(P, lab),
+               "drift_slope_per_1000_frames": drift["slope_per_1000_frames"], "drift_ratio": drift["ratio"]}
+    ceiling = {"psnr_db": psnr(ref_frame, ref_frame), "ssim": ssim(ref_frame, ref_frame),
+               **_lipsync_metrics(G, lab), **_control_metrics(G, lab),
+               "drift_slope_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
+               "drift_ratio": drift["ceiling"]["ratio"]}
+    plot = out.with_name(out.stem + ".drift.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _plot_drift(drift, plot)
+    info = getattr(getattr(backend, "bundle", None), "meta", {}) or {}
+    report = {
+        "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
+        "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
+        "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling, "per_clip": per_clip,
+        "drift": {**drift, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
+        "notes": ["ceiling = the same probe on the ground-truth renders (psnr/ssim of the renders with "
+                  "themselves: inf / 1); control metrics from the pinned run, lip-sync from the free run",
+                  "non-finite numbers are stored as null (NaN: undefined, e.g. a constant prediction) "
+                  "or the string \"inf\""],
+    }
+    out.write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def _mean_psnr(values) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if values and not finite:
+        return math.inf
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _probe_info() -> dict:
+    from eartalk.probe.net import SHIPPED
+    try:
+        meta = json.loads((SHIPPED / "probe.json").read_text())
+        return {"sha256": meta.get("sha256"), "report": meta.get("report", {})}
+    except (OSError, ValueError):
+        return {}
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        v = float(o)
+        return v if math.isfinite(v) else ("inf" if v == math.inf else None)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+ROWS = (("psnr_db", "PSNR (dB), pinned", ".2f"), ("ssim", "SSIM, pinned", ".4f"),
+        ("mouth_open_pearson_r", "mouth openness r, free", ".3f"), ("viseme_accuracy", "viseme accuracy, free", ".3f"),
+        ("yaw_mae_deg", "yaw MAE (deg), pinned", ".2f"), ("pitch_mae_deg", "pitch MAE (deg), pinned", ".2f"),
+        ("blink_accuracy", "blink obeyed, all frames", ".3f"),
+        ("blink_next_frame_accuracy", "blink obeyed, frame after a switch", ".3f"),
+        ("emotion_accuracy", f"emotion recognised (target >= {EMOTION_TARGET:.0%})", ".3f"),
+        ("drift_slope_per_1000_frames", "identity drift slope / 1000 frames", ".2e"),
+        ("drift_ratio", "identity drift dist(last)/dist(ref)", ".2f"))
+
+
+def format_table(report: dict) -> str:
+    """The metrics beside their ceiling, as a plain-text table."""
+    def fmt(v, spec):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        if v == "inf" or v == math.inf:
+            return "inf"
+        return format(v, spec)
+    d = report["drift"]
+    lines = [f"eval of {report['model']} on {report['data']} [{report['split']}]: {len(report['clips'])} clips, "
+             f"{report['frames']} frames; drift on {d['clip']} over {d['frames']} frames "
+             f"(ratio = dist({d['ratio_frames'][0]}) / dist({d['ratio_frames'][1]}))",
+             f"{'metric':<44} {'model':>10} {'ceiling':>10}"]
+    for key, label, spec in ROWS:
+        lines.append(f"{label:<44} {fmt(report['metrics'].get(key), spec):>10} {fmt(report['ceiling'].get(key), spec):>10}")
+    return "\n".join(lines)

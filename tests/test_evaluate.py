@@ -1,0 +1,133 @@
+"""eartalk/evaluate.py + `eartalk eval`: image metrics against known values, the drift checkpoints,
+the ground-truth pins, and an end-to-end run on a 2-clip corpus with a random test-preset bundle
+(its numbers are meaningless; the structure and the ceiling are checked)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eartalk.cli import main
+from eartalk.data.corpus import list_clips, load_clip
+from eartalk.evaluate import drift_checkpoints, pearson, pinned_timeline, psnr, ssim
+from eartalk.model.bundle import new_bundle, save_bundle
+from eartalk.model.config import CONTROLS, EMOTIONS, preset
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_psnr_and_ssim_of_identical_images():
+    img = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    assert psnr(img, img) == math.inf
+    assert ssim(img, img) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_psnr_of_a_known_noise_level():
+    a = np.full((32, 32, 3), 128.0)
+    signs = np.where(np.indices((32, 32)).sum(0) % 2 == 0, 1.0, -1.0)[..., None]
+    assert psnr(a, a + 10 * signs) == pytest.approx(20 * math.log10(255 / 10), abs=1e-9)    # mse = 100
+    noisy = np.clip(a + np.random.default_rng(1).normal(0, 5, a.shape), 0, 255)
+    assert psnr(a, noisy) == pytest.approx(20 * math.log10(255 / 5), abs=0.15)
+
+
+def test_ssim_known_values_and_ordering():
+    # flat images: only the luminance term remains, (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1)
+    c1 = (0.01 * 255) ** 2
+    expect = (2 * 100 * 110 + c1) / (100 ** 2 + 110 ** 2 + c1)
+    assert ssim(np.full((16, 16), 100.0), np.full((16, 16), 110.0)) == pytest.approx(expect, rel=1e-9)
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (32, 32, 3)).astype(np.float64)
+    scores = [ssim(img, np.clip(img + rng.normal(0, s, img.shape), 0, 255)) for s in (2, 10, 40)]
+    assert 1 > scores[0] > scores[1] > scores[2] > 0
+    assert ssim(img, 255 - img) < 0                              # anti-correlated structure
+    with pytest.raises(ValueError, match="same shape"):
+        ssim(img, img[:8])
+
+
+def test_pearson_is_undefined_for_a_constant_side():
+    assert math.isnan(pearson(np.ones(5), np.arange(5)))
+    assert pearson(np.arange(5), 2 * np.arange(5) + 1) == pytest.approx(1.0)
+
+
+def test_drift_checkpoints():
+    assert drift_checkpoints(10000) == ([100, 1000, 10000], 100)
+    assert drift_checkpoints(2500) == ([100, 1000, 2500], 100)
+    assert drift_checkpoints(40) == ([4, 40], 4)
+    with pytest.raises(ValueError, match="--frames-drift must be >= 2"):
+        drift_checkpoints(1)
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from eartalk.data.synth import synthesize_corpus
+    d = tmp_path_factory.mktemp("corpus")
+    synthesize_corpus(d, 2, seed=3, size=32, workers=1, progress=False)
+    split = next(s for s in ("test", "val", "train") if list_clips(d, s))
+    return d, split
+
+
+def test_pinned_timeline_pins_every_control_to_the_truth(corpus):
+    d, split = corpus
+    clip = load_clip(d, list_clips(d, split)[0], frames=False)
+    n = len(clip.gt["yaw"])
+    tl = pinned_timeline(clip.gt, n)
+    assert [f for f, _ in tl] == list(range(n))
+    for f in (0, n // 2, n - 1):
+        v = tl[f][1]
+        assert set(v) == {"yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion"}
+        assert v["emotion"] == EMOTIONS[int(clip.gt["emotion"][f])]
+        assert v["yaw"] == pytest.approx(float(clip.gt["yaw"][f]))
+        assert all(CONTROLS[k][2][0] <= v[k] <= CONTROLS[k][2][1] for k in v if k != "emotion")
+
+
+def test_eval_end_to_end(corpus, tmp_path, capsys):
+    from eartalk.model.train_gpt import fit_size
+    from eartalk.probe.net import load_probe, predict
+    d, split = corpus
+    bundle = save_bundle(new_bundle(preset("test"), seed=0), tmp_path / "bundle")
+    out = tmp_path / "ev" / "report.json"
+    assert main(["eval", "--model", str(bundle), "--data", str(d), "--split", split, "--out", str(out),
+                 "--frames-drift", "40", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "ceiling" in printed and "PSNR" in printed and "report.drift.png" in printed
+    rep = json.loads(out.read_text())                            # strict JSON: no NaN/Infinity tokens
+    ids = list_clips(d, split)
+    assert rep["clips"] == ids and len(rep["per_clip"]) == len(ids)
+    keys = {"psnr_db", "ssim", "mouth_open_pearson_r", "viseme_accuracy", "yaw_mae_deg", "pitch_mae_deg",
+            "blink_accuracy", "blink_next_frame_accuracy", "emotion_accuracy", "emotion_target_met",
+            "drift_slope_per_1000_frames", "drift_ratio"}
+    assert keys <= set(rep["metrics"]) and keys <= set(rep["ceiling"])
+    assert 0 < rep["metrics"]["psnr_db"] < 100 and -1 <= rep["metrics"]["ssim"] < 1
+    assert rep["ceiling"]["psnr_db"] == "inf" and rep["ceiling"]["ssim"] == 1.0
+    drift = rep["drift"]
+    assert drift["frames"] == 40 and set(drift["distance_at"]) == {"4", "40"} and drift["ratio_frames"] == [40, 4]
+    assert (tmp_path / "ev" / "report.drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drift["curve_frames"][0] == 1 and drift["curve"][0] == pytest.approx(0, abs=1e-6)
+
+    # the ceiling is the probe on the ground-truth frames, scored against the ground truth
+    probe = load_probe()
+    frames = np.concatenate([load_clip(d, c).frames for c in ids])
+    gt = {k: np.concatenate([load_clip(d, c, frames=False).gt[k] for c in ids]) for k in ("viseme", "mouth_open", "yaw", "emotion")}
+    p = predict(probe, fit_size(frames, probe.cfg.image_size))
+    assert rep["frames"] == len(frames)
+    assert rep["ceiling"]["viseme_accuracy"] == pytest.approx(np.mean(p["viseme"] == gt["viseme"]))
+    assert rep["ceiling"]["mouth_open_pearson_r"] == pytest.approx(pearson(p["mouth_open"], gt["mouth_open"]))
+    assert rep["ceiling"]["yaw_mae_deg"] == pytest.approx(np.mean(np.abs(p["yaw"] - gt["yaw"])), rel=1e-5)
+    assert rep["ceiling"]["emotion_accuracy"] == pytest.approx(np.mean(p["emotion"] == gt["emotion"]))
+
+
+def test_eval_errors_are_clear(corpus, tmp_path, capsys):
+    d, _ = corpus
+    base = ["eval", "--model", "test", "--random-init", "--data", str(d)]
+    assert main(base + ["--split", "holdout", "--out", str(tmp_path / "r.json")]) == 2
+    assert "unknown split 'holdout'" in (err := capsys.readouterr().err) and "known splits" in err
+    assert main(base + ["--out", str(tmp_path / "r.txt")]) == 2
+    assert "expected a .json" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "r.json"), "--frames-drift", "1"]) == 2
+    assert "--frames-drift must be >= 2" in capsys.readouterr().err
+    assert main(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json"),
+                 "--model", "test", "--random-init"]) == 2
+    assert "corpus directory not found" in capsys.readouterr().err
