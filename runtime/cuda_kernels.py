@@ -4,27 +4,42 @@ Two executors share one validated entry point per op:
 
 - :class:`CudaKernels`: the CUDA kernels through cuda-python's driver API
   (``cuda.bindings.driver``): cuInit, the device's primary context (or a caller's context and
-  stream), ``cuModuleLoadData`` of the fatbin CMake built (``build/eartalk_kernels.fatbin`` or
-  ``$EARTALK_KERNELS_FATBIN``) or, failing that, of PTX compiled at first use by NVRTC from the
-  packaged ``.cu`` sources, so a pip install works without nvcc; then ``cuLaunchKernel``.
+  stream, e.g. pycuda's), ``cuModuleLoadData`` of the fatbin CMake built
+  (``build/eartalk_kernels.fatbin`` or ``$EARTALK_KERNELS_FATBIN``) or, failing that, of PTX
+  compiled at first use by NVRTC from the packaged ``.cu`` sources, so a pip install works without
+  nvcc; then ``cuLaunchKernel``.
 - :class:`HostKernels`: ``libeartalk_kernels_host.so``, the same kernel bodies compiled by g++
   and run on the CPU by walking the grid (:func:`build_host_library` makes it). The tests compare
   it with ``runtime/kv_reference.py`` on every run; no GPU is needed.
+
+Where the data lives decides the path, per call, from the pool:
+
+- host pool (numpy array or torch CPU tensor): :class:`CudaKernels` uploads, launches and
+  downloads (a round trip per call: for tests and tools, not for serving);
+- device pool (torch CUDA tensor, or :class:`DeviceArray` for a raw pointer from pycuda,
+  ``cuMemAlloc``, TensorRT ...): zero copy, the kernel runs on the caller's buffers, on
+  ``stream=`` (default: torch's current stream when torch tensors are passed, else the kernels'
+  own stream) and the call returns without waiting for it.
 
 Every argument is checked BEFORE a launch (:func:`validate_append`, :func:`validate_gather`,
 :func:`validate_paged_attention`; pure numpy, testable on a CPU): a page id out of range, a CSR
 ``kv_indptr`` that is not monotone, a dtype or layout that does not match the pool -> ``ValueError``
 naming the argument. A kernel that read out of range on a GPU would corrupt or crash the whole
-process, so these checks are not optional.
+process, so these checks are not optional. Index values can only be checked on the host, so an
+index array in device memory must come as :class:`Mirrored` ``(host, device)``: the host copy the
+caller built it from is validated, the device copy is what the kernel reads. A bare device index
+array is refused. (A host index array is also accepted on the device path; the driver then
+uploads it to a temporary buffer and waits for the kernel before freeing it.)
 
-Arrays are numpy arrays or torch CPU tensors (torch gives bf16 and float8_e4m3fn, numpy does not);
-index arrays are int32 (the CSR contract: refuse int64 rather than narrow it silently).
+Index arrays are int32 (the CSR contract: refuse int64 rather than narrow it silently). torch
+gives bf16 and float8_e4m3fn, numpy does not.
 
 ``is_available()`` returns ``(ok, reason)``; on a machine without the NVIDIA driver, as in CI, the
 reason says so.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -40,14 +55,15 @@ import numpy as np
 from eartalk import kernels_cu
 
 __all__ = [
-    "DTYPE_CODES", "FP8_MIN_CC", "Dims", "UnsupportedDeviceError", "is_available",
-    "validate_append", "validate_gather", "validate_paged_attention", "compile_ptx",
-    "find_fatbin", "build_host_library", "HostKernels", "CudaKernels",
+    "DTYPE_CODES", "FP8_MIN_CC", "Dims", "DeviceArray", "Mirrored", "UnsupportedDeviceError",
+    "is_available", "validate_append", "validate_gather", "validate_paged_attention",
+    "compile_ptx", "find_fatbin", "build_host_library", "HostKernels", "CudaKernels",
+    "stream_handle", "context_handle",
 ]
 
 # dtype codes of kv_cache.cuh (et::DType)
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float8_e4m3fn": 3}
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int32": 4}
 FP8_MIN_CC = (8, 9)          # e4m3 KV only where the hardware has fp8 (design.md, Quantization)
 MAX_HEAD_DIM = 128           # kernel instances exist for D <= 64 and D <= 128
 COPY_THREADS = 256           # block size and grid cap of the copy kernels (kv_cache.cu)
@@ -75,12 +91,112 @@ class Dims:
     n_slots: int = 0
     Q: int = 0
     W: int = 0
+    place: str = "host"      # where the pool lives: "host" or "device"
+
+
+def _dtype_str(dt) -> str:
+    """``"float32"`` from a str, numpy dtype/type or torch dtype."""
+    if isinstance(dt, str):
+        return dt
+    if type(dt).__module__.startswith("torch"):
+        return str(dt).replace("torch.", "")
+    return np.dtype(dt).name
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A C-contiguous array in device memory the caller owns: a raw pointer, shape and dtype.
+
+    For device memory torch did not allocate: ``int(pycuda_allocation)``, a ``cuMemAlloc`` result,
+    a TensorRT binding. The driver never frees it. Nothing about the pointer can be checked
+    here; :class:`CudaKernels` asks the driver, before launching, that ``[ptr, ptr + nbytes)``
+    lies inside one allocation, so a host pointer or a buffer too small for ``shape`` is refused
+    instead of faulting. ``device``: the CUDA ordinal, when known (checked against the kernels').
+    """
+    ptr: int
+    shape: tuple
+    dtype: str
+    device: int | None = None
+
+    def __post_init__(self):
+        ptr = int(self.ptr)                           # CUdeviceptr, pycuda DeviceAllocation
+        shape = tuple(int(x) for x in self.shape)
+        dt = _dtype_str(self.dtype)
+        if dt not in DTYPE_BYTES:
+            raise ValueError(f"DeviceArray dtype must be one of {sorted(DTYPE_BYTES)}, got {dt}")
+        if any(x < 0 for x in shape):
+            raise ValueError(f"DeviceArray shape must be non-negative, got {list(shape)}")
+        if ptr < 0 or (ptr == 0 and math.prod(shape) > 0):
+            raise ValueError(f"DeviceArray ptr={ptr:#x} is not a device address for a non-empty array")
+        object.__setattr__(self, "ptr", ptr)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", dt)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+    @classmethod
+    def from_torch(cls, t) -> "DeviceArray":
+        """View of a contiguous CUDA tensor (the tensor must outlive the launch)."""
+        if not _is_torch(t) or t.device.type != "cuda" or not t.is_contiguous():
+            raise ValueError("DeviceArray.from_torch needs a contiguous torch CUDA tensor")
+        return cls(t.data_ptr(), tuple(t.shape), _dtype_str(t.dtype), t.device.index)
+
+
+@dataclass(frozen=True)
+class Mirrored:
+    """One int32 index array held twice: ``host`` is validated, ``device`` is what the kernel reads.
+
+    The caller guarantees both hold the same values: ``device`` was copied from ``host`` (e.g.
+    ``torch.from_numpy(host).cuda()``) in stream order before the launch and neither changed
+    since. That is the only way to give a device-resident page table to a launch, since the
+    values of device memory cannot be checked without a copy back and a sync per call.
+    """
+    host: object
+    device: object
+
+
+def stream_handle(stream) -> int:
+    """A ``CUstream`` as an int from: an int, a cuda-python ``CUstream``, a pycuda ``Stream``
+    (``.handle``) or a torch ``cuda.Stream`` (``.cuda_stream``). ``None`` -> 0 (legacy default)."""
+    return _handle("stream", stream, ("cuda_stream", "handle"))
+
+
+def context_handle(context) -> int:
+    """A ``CUcontext`` as an int from: an int, a cuda-python ``CUcontext`` or a pycuda ``Context``
+    (``.handle``)."""
+    return _handle("context", context, ("handle",))
+
+
+def _handle(what: str, obj, attrs) -> int:
+    if obj is None:
+        return 0
+    for attr in attrs:
+        if hasattr(obj, attr):
+            obj = getattr(obj, attr)
+            break
+    try:
+        h = int(obj)   # cuda-python handle types convert with int()
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an int handle, a cuda-python object or an object with "
+                         f"{' or '.join('.' + a for a in attrs)}, got {type(obj).__name__}") from None
+    if h < 0:
+        raise ValueError(f"{what} handle must be >= 0, got {h}")
+    return h
 
 
 # ------------------------------------------------------------------ array helpers
 
 def _dtype_name(a) -> str:
-    # numpy: "float32"; torch: "torch.float32" -> "float32"
+    # numpy: "float32"; torch: "torch.float32" -> "float32"; DeviceArray: "float32"
     return str(a.dtype).replace("torch.", "")
 
 
@@ -88,26 +204,88 @@ def _is_torch(a) -> bool:
     return type(a).__module__.startswith("torch")
 
 
+def _place(a) -> str | None:
+    """``"host"``, ``"device"`` (CUDA), another torch device type, or None (not an array)."""
+    if isinstance(a, DeviceArray):
+        return "device"
+    if isinstance(a, np.ndarray):
+        return "host"
+    if _is_torch(a) and hasattr(a, "device"):
+        return {"cpu": "host", "cuda": "device"}.get(a.device.type, a.device.type)
+    return None
+
+
+def _where(a) -> str:
+    if isinstance(a, DeviceArray):
+        return "a DeviceArray (device memory)"
+    if _is_torch(a):
+        return f"a torch tensor on {a.device}"
+    return "a numpy array (host memory)"
+
+
+_PLACE_WORDS = {"host": "host memory (numpy or a torch CPU tensor)",
+                "device": "device memory (a torch CUDA tensor or DeviceArray)"}
+
+
 def _is_contiguous(a) -> bool:
+    if isinstance(a, DeviceArray):
+        return True                     # contiguous by definition
     return bool(a.is_contiguous()) if _is_torch(a) else bool(a.flags.c_contiguous)
 
 
-def _check_array(name: str, a, ndim: int | None = None):
-    if not (isinstance(a, np.ndarray) or _is_torch(a)):
-        raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(a).__name__}")
-    if _is_torch(a) and a.device.type != "cpu":
-        raise ValueError(f"{name} must be a host (CPU) tensor, got device {a.device}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(a.shape)}")
+def _shape(a) -> tuple[int, ...]:
+    return tuple(int(x) for x in a.shape)
+
+
+def _check_array(name: str, a, ndim: int | None = None, place: str = "host"):
+    p = _place(a)
+    if p is None:
+        raise ValueError(f"{name} must be a numpy array, torch tensor or DeviceArray, got "
+                         f"{type(a).__name__}")
+    if p != place:
+        raise ValueError(f"{name} must be in {_PLACE_WORDS[place]} like the pool, got {_where(a)}")
+    if ndim is not None and len(a.shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {_shape(a)}")
     if not _is_contiguous(a):
         raise ValueError(f"{name} must be C-contiguous (the kernels index it densely)")
 
 
 def _int32(name: str, a) -> np.ndarray:
-    _check_array(name, a, 1)
+    """A host int32 index array's values (numpy view, no copy)."""
+    _check_array(name, a, 1, "host")
     if _dtype_name(a) != "int32":
         raise ValueError(f"{name} must be int32, got {_dtype_name(a)}")
     return a.numpy() if _is_torch(a) else a
+
+
+def _index(name: str, a, place: str) -> np.ndarray:
+    """Host values of an index argument for a launch on ``place``; refuses what cannot be checked.
+
+    A :class:`Mirrored` index has its host part validated and its device part checked to be an
+    int32 array of the same length where the pool lives (``place``): that is the one the launch
+    reads. A bare array in device memory is refused: its values are unknown to the host.
+    """
+    if isinstance(a, Mirrored):
+        host = _int32(f"{name}.host", a.host)
+        dev = a.device
+        if _place(dev) != place:
+            raise ValueError(f"{name}.device must be in {_PLACE_WORDS[place]} like the pool, got "
+                             f"{_where(dev) if _place(dev) else type(dev).__name__}")
+        _check_array(f"{name}.device", dev, 1, place)
+        if _dtype_name(dev) != "int32" or _shape(dev) != _shape(host):
+            raise ValueError(f"{name}.device must be int32 with the host copy's shape "
+                             f"{list(_shape(host))}, got {_dtype_name(dev)} {list(_shape(dev))}")
+        return host
+    if _place(a) == "device":
+        raise ValueError(f"{name} is in device memory: its values cannot be checked before the "
+                         f"launch; pass Mirrored(host=<the host array it was copied from>, "
+                         f"device={name})")
+    return _int32(name, a)
+
+
+def _launch_index(a):
+    """The array a launch reads for an index argument (the device half of a Mirrored)."""
+    return a.device if isinstance(a, Mirrored) else a
 
 
 def _raw(a) -> np.ndarray:
@@ -119,25 +297,30 @@ def _raw(a) -> np.ndarray:
     return a
 
 
-def _check_pool(pool) -> tuple[str, int, int, int, int, int]:
-    _check_array("pool", pool, 6)
+def _check_pool(pool) -> tuple[str, int, int, int, int, int, str]:
+    place = _place(pool)
+    if place not in ("host", "device"):
+        raise ValueError(f"pool must be a numpy array, a torch CPU/CUDA tensor or a DeviceArray, "
+                         f"got {_where(pool) if place else type(pool).__name__}")
+    _check_array("pool", pool, 6, place)
     if pool.shape[2] != 2:
         raise ValueError(f"pool must have layout [num_pages, L, 2, H, P, D] (HND, 0=K 1=V), got "
-                         f"shape {tuple(pool.shape)}")
+                         f"shape {_shape(pool)}")
     dt = _dtype_name(pool)
     if dt not in DTYPE_CODES:
         raise ValueError(f"pool dtype must be one of {sorted(DTYPE_CODES)}, got {dt}")
-    num_pages, L, _, H, P, D = (int(x) for x in pool.shape)
+    num_pages, L, _, H, P, D = _shape(pool)
     if min(num_pages, L, H, P, D) < 1:
-        raise ValueError(f"pool has an empty dimension: shape {tuple(pool.shape)}")
-    return dt, num_pages, L, H, P, D
+        raise ValueError(f"pool has an empty dimension: shape {_shape(pool)}")
+    return dt, num_pages, L, H, P, D, place
 
 
-def _check_csr(num_pages: int, P: int, kv_indptr, kv_indices, page_lag, page_valid):
-    indptr = _int32("kv_indptr", kv_indptr)
-    indices = _int32("kv_indices", kv_indices)
-    lag = _int32("page_lag", page_lag)
-    valid = _int32("page_valid", page_valid)
+def _check_csr(num_pages: int, P: int, kv_indptr, kv_indices, page_lag, page_valid,
+               place: str = "host"):
+    indptr = _index("kv_indptr", kv_indptr, place)
+    indices = _index("kv_indices", kv_indices, place)
+    lag = _index("page_lag", page_lag, place)
+    valid = _index("page_valid", page_valid, place)
     if indptr.shape[0] < 1:
         raise ValueError("kv_indptr must have B+1 >= 1 entries, got an empty array")
     nnz = indices.shape[0]
@@ -168,17 +351,32 @@ def _check_csr(num_pages: int, P: int, kv_indptr, kv_indices, page_lag, page_val
     return indptr, indices, lag, valid, indptr.shape[0] - 1, nnz
 
 
+def _check_out(name: str, a, shape: tuple, dtype: str, place: str):
+    _check_array(name, a, len(shape), place)
+    if _shape(a) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(_shape(a))}")
+    if _dtype_name(a) != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {_dtype_name(a)}")
+
+
+def _check_outs(names, out, specs, place: str):
+    if not isinstance(out, (tuple, list)) or len(out) != len(specs):
+        raise ValueError(f"out must be a tuple ({', '.join(names)}), got {type(out).__name__}")
+    for name, a, (shape, dtype) in zip(names, out, specs):
+        _check_out(name, a, shape, dtype, place)
+
+
 # ------------------------------------------------------------------ validation (CPU-testable)
 
 def validate_append(pool, pages, new_k, new_v) -> Dims:
     """Check an append call; return its sizes or raise ``ValueError`` naming the argument."""
-    dt, num_pages, L, H, P, D = _check_pool(pool)
-    pg = _int32("pages", pages)
+    dt, num_pages, L, H, P, D, place = _check_pool(pool)
+    pg = _index("pages", pages, place)
     B = pg.shape[0]
     want = (L, B, H, P, D)
     for name, a in (("new_k", new_k), ("new_v", new_v)):
-        _check_array(name, a, 5)
-        if tuple(int(x) for x in a.shape) != want:
+        _check_array(name, a, 5, place)
+        if _shape(a) != want:
             raise ValueError(f"{name} must have shape [L, B, H, P, D] = {list(want)}, got "
                              f"{list(a.shape)}")
         if _dtype_name(a) != dt:
@@ -191,12 +389,15 @@ def validate_append(pool, pages, new_k, new_v) -> Dims:
         if np.unique(pg).size != B:
             raise ValueError(f"pages must be distinct (two sessions writing one page), got "
                              f"{pg.tolist()}")
-    return Dims(dt, num_pages, L, H, P, D, B)
+    return Dims(dt, num_pages, L, H, P, D, B, place=place)
 
 
-def validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots) -> Dims:
-    dt, num_pages, L, H, P, D = _check_pool(pool)
-    indptr, _, _, _, B, nnz = _check_csr(num_pages, P, kv_indptr, kv_indices, page_lag, page_valid)
+def validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots,
+                    out=None) -> Dims:
+    """``out``: optional ``(past_k, past_v, past_lag)`` to write, where the pool lives."""
+    dt, num_pages, L, H, P, D, place = _check_pool(pool)
+    indptr, _, _, _, B, nnz = _check_csr(num_pages, P, kv_indptr, kv_indices, page_lag,
+                                         page_valid, place)
     if not isinstance(n_slots, (int, np.integer)) or n_slots < 0:
         raise ValueError(f"n_slots must be an int >= 0 (pages per session), got {n_slots!r}")
     n_slots = int(n_slots)
@@ -206,24 +407,33 @@ def validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots) 
     if B and counts.max() > n_slots:
         b = int(np.argmax(counts))
         raise ValueError(f"kv_indptr: session {b} has {int(counts[b])} pages but n_slots={n_slots}")
-    return Dims(dt, num_pages, L, H, P, D, B, nnz=nnz, n_slots=n_slots)
+    if out is not None:
+        S = n_slots * P
+        _check_outs(("past_k", "past_v", "past_lag"), out,
+                    [((L, B, H, S, D), dt), ((L, B, H, S, D), dt), ((B, S), "int32")], place)
+    return Dims(dt, num_pages, L, H, P, D, B, nnz=nnz, n_slots=n_slots, place=place)
 
 
 def validate_paged_attention(q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
-                             lag_bias, scale, kv_scale=None) -> Dims:
-    dt, num_pages, L, H, P, D = _check_pool(pool)
+                             lag_bias, scale, kv_scale=None, out=None) -> Dims:
+    """``out``: optional ``(out float32 [B,H,Q,D], lse float32 [B,H,Q])``, where the pool lives.
+
+    On the device path q must already be float32 (the host path widens fp16 itself; on a device
+    that would be a hidden allocation and a kernel on some other stream)."""
+    dt, num_pages, L, H, P, D, place = _check_pool(pool)
     _, _, lag, valid, B, nnz = _check_csr(num_pages, P, kv_indptr, kv_indices, page_lag,
-                                          page_valid)
+                                          page_valid, place)
     if not isinstance(layer, (int, np.integer)) or not 0 <= layer < L:
         raise ValueError(f"layer must be an int in [0, L={L}), got {layer!r}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"pool head dim D={D} > {MAX_HEAD_DIM}: no kernel instance")
-    _check_array("q", q, 4)
+    _check_array("q", q, 4, place)
     if int(q.shape[0]) != B or int(q.shape[1]) != H or int(q.shape[3]) != D:
         raise ValueError(f"q must have shape [B={B}, H={H}, Q, D={D}], got {list(q.shape)}")
-    if _dtype_name(q) not in ("float32", "float16"):
-        raise ValueError(f"q dtype must be float32 or float16, got {_dtype_name(q)}")
-    _check_array("lag_bias", lag_bias, 2)
+    q_ok = ("float32", "float16") if place == "host" else ("float32",)
+    if _dtype_name(q) not in q_ok:
+        raise ValueError(f"q dtype must be {' or '.join(q_ok)}, got {_dtype_name(q)}")
+    _check_array("lag_bias", lag_bias, 2, place)
     if _dtype_name(lag_bias) != "float32" or int(lag_bias.shape[0]) != H or lag_bias.shape[1] < 2:
         raise ValueError(f"lag_bias must be float32 [H={H}, W+2], got {_dtype_name(lag_bias)} "
                          f"{list(lag_bias.shape)}")
@@ -238,15 +448,19 @@ def validate_paged_attention(q, pool, layer, kv_indptr, kv_indices, page_lag, pa
     if dt == "float8_e4m3fn":
         if kv_scale is None:
             raise ValueError("kv_scale float32 [num_pages, L, 2] is required for an fp8 pool")
-        _check_array("kv_scale", kv_scale, 3)
-        if _dtype_name(kv_scale) != "float32" or tuple(int(x) for x in kv_scale.shape) != (num_pages, L, 2):
+        _check_array("kv_scale", kv_scale, 3, place)
+        if _dtype_name(kv_scale) != "float32" or _shape(kv_scale) != (num_pages, L, 2):
             raise ValueError(f"kv_scale must be float32 [num_pages={num_pages}, L={L}, 2], got "
                              f"{_dtype_name(kv_scale)} {list(kv_scale.shape)}")
     elif kv_scale is not None:
         raise ValueError(f"kv_scale is only for fp8 pools; pool dtype is {dt}")
     if B > GRID_YZ_MAX or H > GRID_YZ_MAX:
         raise ValueError(f"B={B} and H={H} must be <= {GRID_YZ_MAX} (grid y/z limit)")
-    return Dims(dt, num_pages, L, H, P, D, B, nnz=nnz, Q=int(q.shape[2]), W=W)
+    Q = int(q.shape[2])
+    if out is not None:
+        _check_outs(("out", "lse"), out, [((B, H, Q, D), "float32"), ((B, H, Q), "float32")],
+                    place)
+    return Dims(dt, num_pages, L, H, P, D, B, nnz=nnz, Q=Q, W=W, place=place)
 
 
 def _q_f32(q) -> np.ndarray:
@@ -255,11 +469,13 @@ def _q_f32(q) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _empty_like_pool(pool, shape):
+def _empty_like_pool(pool, shape, dtype=None):
+    """A new array where the pool lives (torch CUDA tensors on the pool's device)."""
     if _is_torch(pool):
         import torch
-        return torch.empty(shape, dtype=pool.dtype)
-    return np.empty(shape, dtype=pool.dtype)
+        dt = {"int32": torch.int32, "float32": torch.float32}.get(dtype, pool.dtype)
+        return torch.empty(shape, dtype=dt, device=pool.device)
+    return np.empty(shape, dtype=dtype or pool.dtype)
 
 
 def copy_grid(total: int) -> int:
@@ -302,8 +518,20 @@ def _ptr(a) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.data_ptr() if _is_torch(a) else a.ctypes.data)
 
 
+def _host_only(d: Dims, who: str):
+    if d.place != "host":
+        raise ValueError(f"{who} runs on the CPU: the pool must be in host memory, got device "
+                         f"memory (use CudaKernels)")
+
+
 class HostKernels:
-    """The kernels' host build through ctypes (CPU; for tests and CPU timing, not a GPU figure)."""
+    """The kernels' host build through ctypes (CPU; for tests and CPU timing, not a GPU figure).
+
+    Same signatures as :class:`CudaKernels` (``out=``, :class:`Mirrored` indices, ``stream=``),
+    so it can stand in for it on a CPU: it validates the ``host`` half of a Mirrored index and
+    reads the ``device`` half, exactly as a launch would. ``stream`` is accepted and ignored (the
+    host build is synchronous).
+    """
 
     def __init__(self, lib_path: str | os.PathLike | None = None):
         self.path = Path(lib_path) if lib_path else build_host_library()
@@ -315,44 +543,54 @@ class HostKernels:
             msg = self.lib.et_host_last_error().decode()
             raise ValueError(f"{op}: {msg} (code {rc})")
 
-    def append(self, pool, pages, new_k, new_v) -> None:
+    def append(self, pool, pages, new_k, new_v, stream=None) -> None:
         d = validate_append(pool, pages, new_k, new_v)
+        _host_only(d, "HostKernels")
         i = ctypes.c_int
         rc = self.lib.et_host_append(i(DTYPE_CODES[d.dtype]), _ptr(pool), i(d.num_pages), i(d.L),
-                                     i(d.H), i(d.P), i(d.D), _ptr(pages), i(d.B), _ptr(new_k),
-                                     _ptr(new_v))
+                                     i(d.H), i(d.P), i(d.D), _ptr(_launch_index(pages)), i(d.B),
+                                     _ptr(new_k), _ptr(new_v))
         self._check(rc, "append")
 
-    def gather(self, pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots):
-        d = validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots)
+    def gather(self, pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots, out=None,
+               stream=None):
+        d = validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots, out)
+        _host_only(d, "HostKernels")
         S = d.n_slots * d.P
-        past_k = _empty_like_pool(pool, (d.L, d.B, d.H, S, d.D))
-        past_v = _empty_like_pool(pool, (d.L, d.B, d.H, S, d.D))
-        past_lag = np.empty((d.B, S), np.int32)
+        if out is None:
+            out = (_empty_like_pool(pool, (d.L, d.B, d.H, S, d.D)),
+                   _empty_like_pool(pool, (d.L, d.B, d.H, S, d.D)),
+                   np.empty((d.B, S), np.int32))
+        past_k, past_v, past_lag = out
+        ix = [_ptr(_launch_index(a)) for a in (kv_indptr, kv_indices, page_lag, page_valid)]
         i = ctypes.c_int
         rc = self.lib.et_host_gather(i(DTYPE_CODES[d.dtype]), _ptr(pool), i(d.num_pages), i(d.L),
-                                     i(d.H), i(d.P), i(d.D), _ptr(kv_indptr), _ptr(kv_indices),
-                                     _ptr(page_lag), _ptr(page_valid), i(d.nnz), i(d.B),
+                                     i(d.H), i(d.P), i(d.D), *ix, i(d.nnz), i(d.B),
                                      i(d.n_slots), _ptr(past_k), _ptr(past_v), _ptr(past_lag))
         self._check(rc, "gather")
         return past_k, past_v, past_lag
 
     def paged_attention(self, q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
-                        lag_bias, scale, kv_scale=None):
+                        lag_bias, scale, kv_scale=None, out=None, stream=None):
         d = validate_paged_attention(q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
-                                     lag_bias, scale, kv_scale)
+                                     lag_bias, scale, kv_scale, out)
+        _host_only(d, "HostKernels")
         qf = _q_f32(q)
-        out = np.empty((d.B, d.H, d.Q, d.D), np.float32)
-        lse = np.empty((d.B, d.H, d.Q), np.float32)
+        if out is None:
+            out = (np.empty((d.B, d.H, d.Q, d.D), np.float32), np.empty((d.B, d.H, d.Q), np.float32))
+        o, lse = out
+        ix = [_ptr(_launch_index(a)) for a in (kv_indptr, kv_indices, page_lag, page_valid)]
         i = ctypes.c_int
         ks = _ptr(kv_scale) if kv_scale is not None else ctypes.c_void_p(None)
         rc = self.lib.et_host_paged_attention(
             i(DTYPE_CODES[d.dtype]), _ptr(qf), _ptr(pool), i(d.num_pages), i(d.L), i(d.H),
-            i(d.P), i(d.D), i(int(layer)), _ptr(kv_indptr), _ptr(kv_indices), _ptr(page_lag),
-            _ptr(page_valid), i(d.nnz), _ptr(lag_bias), i(d.W), ks, ctypes.c_float(scale),
-            i(d.B), i(d.Q), _ptr(out), _ptr(lse))
+            i(d.P), i(d.D), i(int(layer)), *ix, i(d.nnz), _ptr(lag_bias), i(d.W), ks,
+            ctypes.c_float(scale), i(d.B), i(d.Q), _ptr(o), _ptr(lse))
         self._check(rc, "paged_attention")
-        return out, lse
+        return o, lse
+
+    def close(self):
+        """Nothing to release (the library stays loaded); for parity with CudaKernels."""
 
 
 # ------------------------------------------------------------------ CUDA (driver API)
@@ -436,38 +674,63 @@ def find_fatbin() -> Path | None:
     return p if p.is_file() else None
 
 
-class CudaKernels:
-    """The CUDA kernels via the driver API. Host arrays in, host arrays out (copies each call);
-    the ``*_device`` hooks for device-resident pools are a known gap (see docs).
+_ATTN_DT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
 
-    ``context``: an existing ``CUcontext`` (e.g. from pycuda: ``int(ctx.handle)``) to use instead
-    of the device's primary context; ``stream``: an existing ``CUstream`` handle (int) to launch on.
+
+class CudaKernels:
+    """The CUDA kernels via the driver API.
+
+    Each op takes host or device arrays, decided by the pool (see the module docstring):
+
+    - host pool: uploaded, launched, downloaded and synchronised in the call (a round trip);
+    - device pool (torch CUDA tensor or :class:`DeviceArray`): launched on the caller's buffers
+      with no copy of K/V, on ``stream`` (default: torch's current stream if any argument is a
+      torch tensor, so the launch is ordered after the torch ops that produced the inputs; else
+      this object's stream), and the call returns without synchronising. Outputs of ``gather``
+      and ``paged_attention`` are written into ``out=`` or, for a torch pool, into new tensors
+      on the pool's device.
+
+    ``device``: CUDA ordinal. ``context``: an existing context to use instead of the device's
+    primary one (an int ``CUcontext``, a cuda-python ``CUcontext`` or a pycuda ``Context``, via
+    ``.handle``); torch allocates in the primary context, so keep the default with torch tensors.
+    ``stream``: the default stream for launches (int, ``CUstream``, pycuda ``Stream`` or torch
+    ``cuda.Stream``); any op also takes ``stream=`` per call. The context is pushed around every
+    driver call and popped after, so a caller's current context (pycuda's) is left as it was.
     """
 
     def __init__(self, device: int = 0, context=None, stream=None, module: str = "auto"):
         ok, why = is_available()
         if not ok:
             raise RuntimeError(f"CUDA kernels unavailable: {why}")
+        if not isinstance(device, (int, np.integer)) or device < 0:
+            raise ValueError(f"device must be a CUDA ordinal (int >= 0), got {device!r}")
         from cuda.bindings import driver
         self.drv = driver
-        self.device = self._ck(driver.cuDeviceGet(device), "cuDeviceGet")
+        self.ordinal = int(device)
+        self.device = self._ck(driver.cuDeviceGet(self.ordinal), "cuDeviceGet")
         self._own_ctx = context is None
         if context is None:
             self.ctx = self._ck(driver.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
         else:
-            self.ctx = context if isinstance(context, driver.CUcontext) else driver.CUcontext(int(context))
-        self._ck(driver.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+            self.ctx = driver.CUcontext(context_handle(context))
         A = driver.CUdevice_attribute
         self.cc = (self._ck(driver.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.device), "cc"),
                    self._ck(driver.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.device), "cc"))
         self._own_stream = stream is None
-        if stream is None:
-            self.stream = self._ck(driver.cuStreamCreate(0), "cuStreamCreate")
-        else:
-            self.stream = stream if isinstance(stream, driver.CUstream) else driver.CUstream(int(stream))
-        image, self.module_source = self._module_image(module)
-        self.module = self._ck(driver.cuModuleLoadData(image), f"cuModuleLoadData({self.module_source})")
+        self.module = self.stream = None
         self._fns: dict[str, object] = {}
+        try:
+            with self._current():   # the stream and module belong to self.ctx, whatever was current
+                if stream is None:
+                    self.stream = self._ck(driver.cuStreamCreate(0), "cuStreamCreate")
+                else:
+                    self.stream = driver.CUstream(stream_handle(stream))
+                image, self.module_source = self._module_image(module)
+                self.module = self._ck(driver.cuModuleLoadData(image),
+                                       f"cuModuleLoadData({self.module_source})")
+        except BaseException:
+            self.close()            # release the retained primary context and the stream
+            raise
 
     # -- plumbing
     def _ck(self, ret, what):
@@ -475,6 +738,15 @@ class CudaKernels:
         if err != self.drv.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"{what} failed: {_err_name(self.drv, err)}")
         return vals[0] if len(vals) == 1 else (tuple(vals) if vals else None)
+
+    @contextlib.contextmanager
+    def _current(self):
+        """Make self.ctx current for the calls inside, then restore the caller's context."""
+        self._ck(self.drv.cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            self.drv.cuCtxPopCurrent()
 
     def _module_image(self, module: str):
         if module not in ("auto", "fatbin", "nvrtc"):
@@ -501,28 +773,30 @@ class CudaKernels:
     def _alloc(self, nbytes):
         return self._ck(self.drv.cuMemAlloc(max(1, nbytes)), "cuMemAlloc")
 
-    def _upload(self, a, bufs):
+    def _upload(self, a, bufs, stream):
         raw = np.ascontiguousarray(_raw(a))
         ptr = self._alloc(raw.nbytes)
         bufs.append(ptr)
         if raw.nbytes:
-            self._ck(self.drv.cuMemcpyHtoDAsync(ptr, raw.ctypes.data, raw.nbytes, self.stream), "cuMemcpyHtoD")
+            # pageable source: the call returns once the bytes are staged, so `raw` may go
+            self._ck(self.drv.cuMemcpyHtoDAsync(ptr, raw.ctypes.data, raw.nbytes, stream), "cuMemcpyHtoD")
         return ptr
 
-    def _download(self, ptr, a):
+    def _download(self, ptr, a, stream):
         raw = _raw(a)
         if raw.nbytes:
-            self._ck(self.drv.cuMemcpyDtoHAsync(raw.ctypes.data, ptr, raw.nbytes, self.stream), "cuMemcpyDtoH")
+            self._ck(self.drv.cuMemcpyDtoHAsync(raw.ctypes.data, ptr, raw.nbytes, stream), "cuMemcpyDtoH")
 
-    def _launch(self, name, grid, block, args):
+    def _launch(self, name, grid, block, args, stream):
         vals = tuple(a[0] for a in args)
         types = tuple(a[1] for a in args)
-        self._ck(self.drv.cuLaunchKernel(self._fn(name), *grid, *block, 0, self.stream,
+        self._ck(self.drv.cuLaunchKernel(self._fn(name), *grid, *block, 0, stream,
                                          (vals, types), 0), f"cuLaunchKernel({name})")
 
-    def _sync_free(self, bufs):
+    def _sync_free(self, bufs, stream):
+        """Wait for the stream, then free temporaries (they must outlive the kernels reading them)."""
         try:
-            self._ck(self.drv.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
+            self._ck(self.drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
         finally:
             for p in bufs:
                 self.drv.cuMemFree(p)
@@ -531,86 +805,234 @@ class CudaKernels:
     def _sfx(dtype):
         return {4: "b4", 2: "b2", 1: "b1"}[DTYPE_BYTES[dtype]]
 
-    # -- ops
-    def append(self, pool, pages, new_k, new_v) -> None:
-        """In place on the host ``pool`` (uploaded, appended on the GPU, downloaded)."""
-        d = validate_append(pool, pages, new_k, new_v)
-        bufs = []
-        P_, I = ctypes.c_void_p, ctypes.c_int
-        try:
-            dp, dg, dk, dv = (self._upload(a, bufs) for a in (pool, pages, new_k, new_v))
-            g = copy_grid(d.L * d.B * d.H * d.P * d.D)
-            self._launch(f"et_append_{self._sfx(d.dtype)}", (g, 1, 1), (COPY_THREADS, 1, 1),
-                         [(int(dp), P_), (d.num_pages, I), (d.L, I), (d.H, I), (d.P, I), (d.D, I),
-                          (int(dg), P_), (d.B, I), (int(dk), P_), (int(dv), P_)])
-            self._download(dp, pool)
-        finally:
-            self._sync_free(bufs)
+    # -- device path helpers
+    def _stream_for(self, stream, arrays):
+        """The launch stream: the caller's, else torch's current one if torch tensors are
+        involved (orders the kernel after the torch ops that wrote its inputs), else ours."""
+        if stream is not None:
+            return self.drv.CUstream(stream_handle(stream))
+        for a in arrays:
+            if _is_torch(a) and a.device.type == "cuda":
+                import torch
+                return self.drv.CUstream(torch.cuda.current_stream(a.device).cuda_stream)
+        return self.stream
 
-    def gather(self, pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots):
-        d = validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots)
-        S = d.n_slots * d.P
-        past_k = _empty_like_pool(pool, (d.L, d.B, d.H, S, d.D))
-        past_v = _empty_like_pool(pool, (d.L, d.B, d.H, S, d.D))
-        past_lag = np.empty((d.B, S), np.int32)
-        bufs = []
-        P_, I = ctypes.c_void_p, ctypes.c_int
-        try:
-            ins = [self._upload(a, bufs) for a in (pool, kv_indptr, kv_indices, page_lag, page_valid)]
-            outs = [self._upload(a, bufs) for a in (past_k, past_v, past_lag)]
-            g = copy_grid(max(d.L * d.B * d.H * S * d.D, d.B * S))
-            self._launch(f"et_gather_{self._sfx(d.dtype)}", (g, 1, 1), (COPY_THREADS, 1, 1),
-                         [(int(ins[0]), P_), (d.num_pages, I), (d.L, I), (d.H, I), (d.P, I),
-                          (d.D, I), (int(ins[1]), P_), (int(ins[2]), P_), (int(ins[3]), P_),
-                          (int(ins[4]), P_), (d.B, I), (d.n_slots, I), (int(outs[0]), P_),
-                          (int(outs[1]), P_), (int(outs[2]), P_)])
-            for p, a in zip(outs, (past_k, past_v, past_lag)):
-                self._download(p, a)
-        finally:
-            self._sync_free(bufs)
-        return past_k, past_v, past_lag
+    def _device_ptr(self, name: str, a) -> int:
+        """The address of a device array, after checking it is usable by these kernels."""
+        if _is_torch(a):
+            if a.device.index != self.ordinal:
+                raise ValueError(f"{name} is on {a.device} but these kernels run on cuda:{self.ordinal}")
+            return int(a.data_ptr())
+        if a.device is not None and a.device != self.ordinal:
+            raise ValueError(f"{name} is a DeviceArray of device {a.device} but these kernels run "
+                             f"on device {self.ordinal}")
+        if a.nbytes == 0:
+            return a.ptr
+        # A raw pointer is only a number: ask the driver that the whole [ptr, ptr + nbytes) is
+        # one allocation, so a host pointer or a short buffer is refused instead of faulting.
+        err, base, size = self.drv.cuMemGetAddressRange(a.ptr)
+        if err != self.drv.CUresult.CUDA_SUCCESS:
+            raise ValueError(f"{name}: {a.ptr:#x} is not an address the CUDA driver allocated "
+                             f"({_err_name(self.drv, err)}): a host pointer, or freed memory?")
+        if a.ptr + a.nbytes > int(base) + int(size):
+            raise ValueError(f"{name}: {a.nbytes} bytes for shape {list(a.shape)} {a.dtype} from "
+                             f"{a.ptr:#x} overrun its allocation ({int(size)} bytes from "
+                             f"{int(base):#x})")
+        A = self.drv.CUpointer_attribute
+        err, ctx = self.drv.cuPointerGetAttribute(A.CU_POINTER_ATTRIBUTE_CONTEXT, a.ptr)
+        if err == self.drv.CUresult.CUDA_SUCCESS and int(ctx) not in (0, int(self.ctx)):
+            raise ValueError(f"{name} was allocated in another CUDA context than these kernels "
+                             f"use; pass that context as CudaKernels(context=...)")
+        return a.ptr
 
-    def paged_attention(self, q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
-                        lag_bias, scale, kv_scale=None):
-        d = validate_paged_attention(q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
-                                     lag_bias, scale, kv_scale)
+    def _index_ptr(self, name: str, a, stream, tmp) -> int:
+        """Device address of a validated index argument; a host array is uploaded into ``tmp``."""
+        if isinstance(a, Mirrored):
+            return self._device_ptr(f"{name}.device", a.device)
+        return int(self._upload(a, tmp, stream))
+
+    def _finish(self, tmp, stream):
+        # Temporaries exist only for host index arrays: free them once the kernel has read them.
+        # Without them the launch stays asynchronous, like any op on the stream.
+        if tmp:
+            self._sync_free(tmp, stream)
+
+    @staticmethod
+    def _new_device_outputs(pool, specs, stream_h):
+        """torch outputs on the pool's device; None for a DeviceArray pool (out= is required)."""
+        if not _is_torch(pool):
+            return None
+        import torch
+        outs = tuple(_empty_like_pool(pool, shape, dtype) for shape, dtype in specs)
+        cur = torch.cuda.current_stream(pool.device)
+        if stream_h != cur.cuda_stream:
+            # allocated for torch's current stream but written on another: tell the caching
+            # allocator, or it could hand the memory out again while the kernel still writes
+            ext = torch.cuda.ExternalStream(stream_h, device=pool.device)
+            for t in outs:
+                t.record_stream(ext)
+        return outs
+
+    def _check_fp8(self, d: Dims):
         if d.dtype == "float8_e4m3fn" and self.cc < FP8_MIN_CC:
             raise UnsupportedDeviceError(
                 f"pool dtype float8_e4m3fn needs compute capability >= 8.9; this device is "
                 f"{self.cc[0]}.{self.cc[1]} (no silent fallback: dequantise the pool first)")
-        out = np.zeros((d.B, d.H, d.Q, d.D), np.float32)
-        lse = np.full((d.B, d.H, d.Q), -np.inf, np.float32)
-        if d.B == 0 or d.Q == 0:
-            return out, lse
+
+    # -- ops
+    def append(self, pool, pages, new_k, new_v, stream=None) -> None:
+        """``pool[pages[b], :, 0/1] = new_k/new_v[:, b]``, in place wherever the pool lives."""
+        d = validate_append(pool, pages, new_k, new_v)
+        P_, I = ctypes.c_void_p, ctypes.c_int
+        s = self._stream_for(stream, (pool, new_k, new_v, _launch_index(pages)))
+        name = f"et_append_{self._sfx(d.dtype)}"
+        g = copy_grid(d.L * d.B * d.H * d.P * d.D)
+        with self._current():
+            bufs = []
+            if d.place == "device":
+                try:
+                    dp, dk, dv = (self._device_ptr(n, a) for n, a in
+                                  (("pool", pool), ("new_k", new_k), ("new_v", new_v)))
+                    dg = self._index_ptr("pages", pages, s, bufs)
+                    self._launch(name, (g, 1, 1), (COPY_THREADS, 1, 1),
+                                 [(dp, P_), (d.num_pages, I), (d.L, I), (d.H, I), (d.P, I),
+                                  (d.D, I), (dg, P_), (d.B, I), (dk, P_), (dv, P_)], s)
+                finally:
+                    self._finish(bufs, s)
+                return
+            try:
+                dp, dg, dk, dv = (self._upload(a, bufs, s) for a in
+                                  (pool, _launch_index(pages), new_k, new_v))
+                self._launch(name, (g, 1, 1), (COPY_THREADS, 1, 1),
+                             [(int(dp), P_), (d.num_pages, I), (d.L, I), (d.H, I), (d.P, I),
+                              (d.D, I), (int(dg), P_), (d.B, I), (int(dk), P_), (int(dv), P_)], s)
+                self._download(dp, pool, s)
+            finally:
+                self._sync_free(bufs, s)
+
+    def gather(self, pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots, out=None,
+               stream=None):
+        """Dense ``past_k, past_v [L,B,H,S,D]`` and ``past_lag int32 [B,S]`` (into ``out`` if given)."""
+        d = validate_gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots, out)
+        S = d.n_slots * d.P
+        index = (kv_indptr, kv_indices, page_lag, page_valid)
+        kv_shape = (d.L, d.B, d.H, S, d.D)
+        s = self._stream_for(stream, (pool, *(out or ()), *map(_launch_index, index)))
+        name = f"et_gather_{self._sfx(d.dtype)}"
+        g = copy_grid(max(d.L * d.B * d.H * S * d.D, d.B * S))
+        P_, I = ctypes.c_void_p, ctypes.c_int
+
+        def args(dp, ix, outs):
+            return [(dp, P_), (d.num_pages, I), (d.L, I), (d.H, I), (d.P, I), (d.D, I),
+                    *((p, P_) for p in ix), (d.B, I), (d.n_slots, I), *((p, P_) for p in outs)]
+
+        with self._current():
+            bufs = []
+            if d.place == "device":
+                if out is None:
+                    out = self._new_device_outputs(pool, [(kv_shape, None), (kv_shape, None),
+                                                          ((d.B, S), "int32")], int(s))
+                    if out is None:
+                        raise ValueError("out=(past_k, past_v, past_lag) device buffers are "
+                                         "required with a DeviceArray pool")
+                try:
+                    dp = self._device_ptr("pool", pool)
+                    outs = [self._device_ptr(n, a) for n, a in
+                            zip(("past_k", "past_v", "past_lag"), out)]
+                    ix = [self._index_ptr(n, a, s, bufs) for n, a in
+                          zip(("kv_indptr", "kv_indices", "page_lag", "page_valid"), index)]
+                    self._launch(name, (g, 1, 1), (COPY_THREADS, 1, 1), args(dp, ix, outs), s)
+                finally:
+                    self._finish(bufs, s)
+                return tuple(out)
+            if out is None:
+                out = (_empty_like_pool(pool, kv_shape), _empty_like_pool(pool, kv_shape),
+                       np.empty((d.B, S), np.int32))
+            try:
+                dp = int(self._upload(pool, bufs, s))
+                ix = [int(self._upload(_launch_index(a), bufs, s)) for a in index]
+                outs = [int(self._upload(a, bufs, s)) for a in out]
+                self._launch(name, (g, 1, 1), (COPY_THREADS, 1, 1), args(dp, ix, outs), s)
+                for p, a in zip(outs, out):
+                    self._download(p, a, s)
+            finally:
+                self._sync_free(bufs, s)
+        return tuple(out)
+
+    def paged_attention(self, q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
+                        lag_bias, scale, kv_scale=None, out=None, stream=None):
+        """``(out float32 [B,H,Q,D], lse float32 [B,H,Q])`` of the queries over the paged K/V."""
+        d = validate_paged_attention(q, pool, layer, kv_indptr, kv_indices, page_lag, page_valid,
+                                     lag_bias, scale, kv_scale, out)
+        self._check_fp8(d)
+        index = (kv_indptr, kv_indices, page_lag, page_valid)
+        specs = [((d.B, d.H, d.Q, d.D), "float32"), ((d.B, d.H, d.Q), "float32")]
+        s = self._stream_for(stream, (pool, q, lag_bias, *(out or ()), *map(_launch_index, index)))
         dmax = 64 if d.D <= 64 else 128
         qblk = ATTN_QBLK[dmax]
-        name = f"et_attn_{ {'float32': 'f32', 'float16': 'f16', 'bfloat16': 'bf16', 'float8_e4m3fn': 'fp8'}[d.dtype]}_d{dmax}"
-        bufs = []
+        name = f"et_attn_{_ATTN_DT[d.dtype]}_d{dmax}"
         P_, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        try:
-            dq = self._upload(_q_f32(q), bufs)
-            ins = [self._upload(a, bufs) for a in (pool, kv_indptr, kv_indices, page_lag, page_valid, lag_bias)]
-            ks = int(self._upload(kv_scale, bufs)) if kv_scale is not None else 0
-            dout, dlse = self._upload(out, bufs), self._upload(lse, bufs)
-            self._launch(name, (-(-d.Q // qblk), d.H, d.B), (qblk, 1, 1),
-                         [(int(dq), P_), (int(ins[0]), P_), (d.num_pages, I), (d.L, I), (d.H, I),
-                          (d.P, I), (d.D, I), (int(layer), I), (int(ins[1]), P_), (int(ins[2]), P_),
-                          (int(ins[3]), P_), (int(ins[4]), P_), (int(ins[5]), P_), (d.W, I),
-                          (ks, P_), (float(scale), F), (d.B, I), (d.Q, I), (int(dout), P_),
-                          (int(dlse), P_)])
-            self._download(dout, out)
-            self._download(dlse, lse)
-        finally:
-            self._sync_free(bufs)
-        return out, lse
+
+        def args(dq, dp, ix, dlb, ks, do, dl):
+            return [(dq, P_), (dp, P_), (d.num_pages, I), (d.L, I), (d.H, I), (d.P, I), (d.D, I),
+                    (int(layer), I), *((p, P_) for p in ix), (dlb, P_), (d.W, I), (ks, P_),
+                    (float(scale), F), (d.B, I), (d.Q, I), (do, P_), (dl, P_)]
+
+        grid, block = (-(-d.Q // qblk), d.H, d.B), (qblk, 1, 1)
+        with self._current():
+            bufs = []
+            if d.place == "device":
+                if out is None:
+                    out = self._new_device_outputs(pool, specs, int(s))
+                    if out is None:
+                        raise ValueError("out=(out, lse) device buffers are required with a "
+                                         "DeviceArray pool")
+                if d.B == 0 or d.Q == 0:
+                    return tuple(out)     # empty outputs: nothing to launch
+                try:
+                    dq, dp, dlb = (self._device_ptr(n, a) for n, a in
+                                   (("q", q), ("pool", pool), ("lag_bias", lag_bias)))
+                    ks = self._device_ptr("kv_scale", kv_scale) if kv_scale is not None else 0
+                    do, dl = (self._device_ptr(n, a) for n, a in zip(("out", "lse"), out))
+                    ix = [self._index_ptr(n, a, s, bufs) for n, a in
+                          zip(("kv_indptr", "kv_indices", "page_lag", "page_valid"), index)]
+                    self._launch(name, grid, block, args(dq, dp, ix, dlb, ks, do, dl), s)
+                finally:
+                    self._finish(bufs, s)
+                return tuple(out)
+            if out is None:
+                out = (np.zeros(specs[0][0], np.float32), np.full(specs[1][0], -np.inf, np.float32))
+            if d.B == 0 or d.Q == 0:
+                return tuple(out)
+            try:
+                dq = int(self._upload(_q_f32(q), bufs, s))
+                dp, dlb = (int(self._upload(a, bufs, s)) for a in (pool, lag_bias))
+                ix = [int(self._upload(_launch_index(a), bufs, s)) for a in index]
+                ks = int(self._upload(kv_scale, bufs, s)) if kv_scale is not None else 0
+                do, dl = (int(self._upload(a, bufs, s)) for a in out)
+                self._launch(name, grid, block, args(dq, dp, ix, dlb, ks, do, dl), s)
+                for p, a in zip((do, dl), out):
+                    self._download(p, a, s)
+            finally:
+                self._sync_free(bufs, s)
+        return tuple(out)
+
+    def synchronize(self, stream=None) -> None:
+        """Wait for ``stream`` (default: this object's) to drain."""
+        s = self.stream if stream is None else self.drv.CUstream(stream_handle(stream))
+        with self._current():
+            self._ck(self.drv.cuStreamSynchronize(s), "cuStreamSynchronize")
 
     def close(self):
-        if getattr(self, "module", None) is not None:
-            self.drv.cuModuleUnload(self.module)
-            self.module = None
-        if self._own_stream and getattr(self, "stream", None) is not None:
-            self.drv.cuStreamDestroy(self.stream)
-            self.stream = None
-        if self._own_ctx and getattr(self, "ctx", None) is not None:
+        if getattr(self, "ctx", None) is None:
+            return
+        with self._current():
+            if getattr(self, "module", None) is not None:
+                self.drv.cuModuleUnload(self.module)
+                self.module = None
+            if self._own_stream and getattr(self, "stream", None) is not None:
+                self.drv.cuStreamDestroy(self.stream)
+                self.stream = None
+        if self._own_ctx:
             self.drv.cuDevicePrimaryCtxRelease(self.device)
-            self.ctx = None
+        self.ctx = None

@@ -2,11 +2,25 @@
 
 ``PagePool`` / ``SessionPages`` (metadata) decide which page ids are live; this module holds the
 bytes: one torch tensor ``[num_pages, L, 2, H, P, D]`` allocated once (memory is fixed at start),
-and the two ops of ``runtime/kv_reference.py`` written as a handful of indexed copies instead of
-Python loops. Both are pure copies (no arithmetic), so they equal the numpy reference bit for
-bit; ``tests/test_kv_cache.py`` checks that on random tables.
+and the two ops of ``runtime/kv_reference.py``, run one of two ways:
+
+- the kernel path: the hand-written kernels of ``kernels_cu/`` through
+  :class:`~eartalk.runtime.cuda_kernels.CudaKernels`, launched on the pool tensor itself (zero
+  copy, torch's current stream). Chosen by default when the pool is on a CUDA device and
+  ``cuda_kernels.is_available()``;
+- the torch path: a handful of indexed torch copies (any device), otherwise.
+
+Both are pure copies (no arithmetic), so both equal the numpy reference bit for bit;
+``tests/test_kv_cache.py`` checks the torch path and ``tests/test_kv_cache_kernels.py`` the
+kernel path, on a CPU, through the host build of the same kernel source.
+
+The page table is built on the host (``build_page_table``) and checked there before any launch;
+its device copy, uploaded in one piece per call, is what the kernels read
+(:class:`~eartalk.runtime.cuda_kernels.Mirrored`).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -14,17 +28,49 @@ import torch
 from .kv_reference import LAG_EMPTY
 from .page_table import PageTable
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "select_kernels"]
+
+log = logging.getLogger(__name__)
+
+
+def select_kernels(device, kernels="auto"):
+    """The kernels a pool on ``device`` should use: ``(kernels or None, why)``.
+
+    ``kernels``: ``"auto"`` -> a new ``CudaKernels`` for a CUDA pool when ``is_available()``
+    and it loads, else None (torch path); ``None`` -> torch path; any other object (with
+    ``append``/``gather`` of ``CudaKernels``' signatures) is used as given, e.g. a
+    ``CudaKernels`` sharing a pycuda context, or a test double.
+    """
+    device = torch.device(device)
+    if kernels is None:
+        return None, "kernels=None: torch path"
+    if not isinstance(kernels, str):
+        return kernels, f"injected {type(kernels).__name__}"
+    if kernels != "auto":
+        raise ValueError(f"kernels must be 'auto', None or a kernels object, got {kernels!r}")
+    if device.type != "cuda":
+        return None, f"pool on {device}: torch path"
+    from . import cuda_kernels
+    ok, why = cuda_kernels.is_available()
+    if not ok:
+        return None, f"CUDA kernels unavailable ({why}): torch path"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return cuda_kernels.CudaKernels(index), f"CudaKernels on cuda:{index}"
+    except Exception as e:   # e.g. no fatbin and NVRTC cannot compile: torch path still correct
+        log.warning("KV cache: CUDA kernels did not load, using torch copies: %s", e)
+        return None, f"CudaKernels failed to load ({type(e).__name__}: {e}): torch path"
 
 
 class KVCache:
     """A pool tensor ``[num_pages, L, 2, H, P, D]`` with ``append`` and ``gather``.
 
     ``n_slots`` is the number of pages a session's dense view holds (sink pages + W): the step
-    contract's ``S = n_slots * P``.
+    contract's ``S = n_slots * P``. ``kernels``: see :func:`select_kernels`; ``kernel_path``
+    says which path was chosen and why.
     """
 
-    def __init__(self, num_pages: int, cfg, dtype=torch.float32, device="cpu"):
+    def __init__(self, num_pages: int, cfg, dtype=torch.float32, device="cpu", kernels="auto"):
         if not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
         self.cfg = cfg
@@ -33,29 +79,57 @@ class KVCache:
         self.n_slots = cfg.sink_frames + cfg.window
         self.pool = torch.zeros((num_pages, cfg.n_layer, 2, cfg.n_head, cfg.page_tokens, cfg.head_dim),
                                 dtype=dtype, device=device)
+        self._own_kernels = isinstance(kernels, str)      # made here, so closed here
+        self.kernels, self.kernel_path = select_kernels(self.pool.device, kernels)
 
     @property
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
+    def close(self) -> None:
+        """Release kernels this cache loaded itself (not injected ones). Idempotent."""
+        if self._own_kernels and self.kernels is not None:
+            self.kernels.close()
+        self.kernels = None
+
+    def _mirror(self, **arrays: np.ndarray):
+        """Mirrored (host, device) int32 index arrays: one upload for all of them."""
+        from .cuda_kernels import Mirrored
+        host = [np.ascontiguousarray(a) for a in arrays.values()]
+        for name, h in zip(arrays, host):
+            if h.dtype != np.int32 or h.ndim != 1:   # never narrow silently (the CSR contract)
+                raise ValueError(f"{name} must be 1-D int32, got {h.dtype} {list(h.shape)}")
+        packed = torch.from_numpy(np.concatenate(host)).to(self.pool.device, non_blocking=True)
+        out, o = [], 0
+        for h in host:
+            out.append(Mirrored(h, packed[o:o + h.size]))
+            o += h.size
+        return out
+
     # ------------------------------------------------------------------ ops
     def append(self, pages, new_k, new_v) -> None:
         """``pool[pages[b], :, 0/1] = new_k/new_v[:, b]`` for every b; pages distinct."""
-        pages = torch.as_tensor(np.asarray(pages, dtype=np.int64), device=self.pool.device)
+        pages_h = np.asarray(pages, dtype=np.int64).reshape(-1)   # checked on the host: no device sync
         new_k = torch.as_tensor(new_k, device=self.pool.device)
         new_v = torch.as_tensor(new_v, device=self.pool.device)
-        want = (self.cfg.n_layer, pages.numel(), self.cfg.n_head, self.page_tokens, self.cfg.head_dim)
+        want = (self.cfg.n_layer, pages_h.size, self.cfg.n_head, self.page_tokens, self.cfg.head_dim)
         for name, t in (("new_k", new_k), ("new_v", new_v)):
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} must have shape [L, B, H, P, D] = {list(want)}, got {list(t.shape)}")
             if t.dtype != self.pool.dtype:
                 raise TypeError(f"{name} dtype {t.dtype} does not match pool dtype {self.pool.dtype}")
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= self.num_pages):
-            raise ValueError(f"pages must be page ids in [0, {self.num_pages}), got {pages.tolist()}")
-        if torch.unique(pages).numel() != pages.numel():
-            raise ValueError(f"pages must be distinct (two sessions writing one page), got {pages.tolist()}")
+        if pages_h.size and (int(pages_h.min()) < 0 or int(pages_h.max()) >= self.num_pages):
+            raise ValueError(f"pages must be page ids in [0, {self.num_pages}), got {pages_h.tolist()}")
+        if np.unique(pages_h).size != pages_h.size:
+            raise ValueError(f"pages must be distinct (two sessions writing one page), got {pages_h.tolist()}")
+        if self.kernels is not None:
+            # in range, so int32 is exact (the kernels' CSR contract is int32)
+            (pages_m,) = self._mirror(pages=pages_h.astype(np.int32))
+            self.kernels.append(self.pool, pages_m, new_k.contiguous(), new_v.contiguous())
+            return
+        pages_t = torch.from_numpy(pages_h).to(self.pool.device)
         # [L,B,H,P,D] x2 -> [B,L,2,H,P,D]: one indexed store for the whole batch
-        self.pool[pages] = torch.stack([new_k, new_v], dim=2).permute(1, 0, 2, 3, 4, 5)
+        self.pool[pages_t] = torch.stack([new_k, new_v], dim=2).permute(1, 0, 2, 3, 4, 5)
 
     def gather(self, table: PageTable, n_slots: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +144,8 @@ class KVCache:
         if B and counts.max() > n_slots:
             b = int(np.argmax(counts))
             raise ValueError(f"session {b} has {counts[b]} pages but n_slots={n_slots}")
+        if self.kernels is not None:
+            return self._gather_kernels(table, n_slots)
         # [B, n_slots] page id per slot (0 where empty: masked below), lag and valid tokens per slot
         slot_of = np.arange(len(table.kv_indices)) - np.repeat(indptr[:-1], counts)
         row_of = np.repeat(np.arange(B), counts)
@@ -89,3 +165,15 @@ class KVCache:
         kv = kv.permute(3, 2, 0, 4, 1, 5, 6).reshape(2, L, B, H, n_slots * P, D)
         past_lag = np.where(tok_ok, lag[:, :, None], LAG_EMPTY).reshape(B, n_slots * P).astype(np.int32)
         return kv[0], kv[1], torch.from_numpy(past_lag).to(dev)
+
+    def _gather_kernels(self, table: PageTable, n_slots: int):
+        # The kernels validate the host halves (int32 only: a PageTable is int32 by construction)
+        # before the launch and write straight into tensors on the pool's device.
+        B, S = table.batch_size, n_slots * self.page_tokens
+        L, H, D = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim
+        dev = self.pool.device
+        out = (torch.empty((L, B, H, S, D), dtype=self.pool.dtype, device=dev),
+               torch.empty((L, B, H, S, D), dtype=self.pool.dtype, device=dev),
+               torch.empty((B, S), dtype=torch.int32, device=dev))
+        index = self._mirror(**table.as_kwargs())
+        return tuple(self.kernels.gather(self.pool, *index, n_slots, out=out))

@@ -102,6 +102,8 @@ class Engine:
         """Close every session and the backend. Idempotent."""
         for s in list(self.sessions):
             self.close_session(s, "engine closed")
+        if not self.closed:
+            self.cache.close()  # releases CUDA kernels the cache loaded itself
         self.closed = True
 
     def _guard(self, state: StreamState, what: str, fn, *args):

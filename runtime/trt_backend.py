@@ -12,9 +12,15 @@ on the device. Before an engine is deserialised its sidecar JSON (written by
 
 Engine I/O goes through cuda-python's driver API: device buffers sized for ``max_batch`` are
 allocated once per tensor, inputs copied H2D, ``execute_async_v3`` on one stream, outputs D2H.
-The KV pool stays on the host in this version (the Backend interface is numpy in/out); the paged
-``append``/``gather`` helpers use :class:`~eartalk.runtime.cuda_kernels.CudaKernels` when they
-load and the numpy reference otherwise. A device-resident pool is the known next step.
+The paged ``append``/``gather`` helpers (``kv_append``/``kv_gather``) use
+:class:`~eartalk.runtime.cuda_kernels.CudaKernels` when they load, on the engines' stream in the
+same (primary) context, so a kernel and the engine call after it are ordered without a host
+sync. A pool in device memory (a torch CUDA tensor, or a ``cuda_kernels.DeviceArray`` over an
+allocation of this backend) is appended to and gathered from in place, with no host round trip;
+the page table stays a host array (validated before the launch, uploaded by the kernels) or
+comes as ``cuda_kernels.Mirrored``. A host (numpy) pool goes through the kernels' copying path,
+or the numpy reference when the kernels did not load. The engines' own I/O is still numpy in/out
+(the Backend interface).
 
 Untested here: CI has no GPU and no tensorrt. Only the metadata checks and the import refusal
 run in ``tests/test_trt.py``.
@@ -184,7 +190,8 @@ class TrtBackend(Backend):
         if use_cuda_kernels:
             try:
                 from eartalk.runtime.cuda_kernels import CudaKernels
-                self.kernels = CudaKernels(device)
+                # the engines' stream: kernels and engine calls run in one order, no host sync
+                self.kernels = CudaKernels(device, stream=self.cuda.stream)
             except Exception:   # no fatbin and no NVRTC: the numpy reference does append/gather
                 self.kernels = None
 
@@ -208,18 +215,35 @@ class TrtBackend(Backend):
     def decode_float(self, tokens, ref):
         return self.engines["tokenizer_decode"](tokens, ref)[0]
 
-    # paged KV ops on a host pool: CUDA kernels when loaded, else the numpy reference
+    # paged KV ops: in place on a device pool, or on a host pool (kernels' copying path or the
+    # numpy reference)
     def kv_append(self, pool, pages, new_k, new_v) -> None:
         if self.kernels is not None:
             return self.kernels.append(pool, pages, new_k, new_v)
+        self._host_pool_only(pool)
         from eartalk.runtime import kv_reference
         return kv_reference.append(pool, pages, new_k, new_v)
 
-    def kv_gather(self, pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots):
+    def kv_gather(self, pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots, out=None):
+        """``out``: optional ``(past_k, past_v, past_lag)`` to write (required for a DeviceArray pool)."""
         if self.kernels is not None:
-            return self.kernels.gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots)
+            return self.kernels.gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots,
+                                       out=out)
+        self._host_pool_only(pool)
         from eartalk.runtime import kv_reference
-        return kv_reference.gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots)
+        res = kv_reference.gather(pool, kv_indptr, kv_indices, page_lag, page_valid, n_slots)
+        if out is None:
+            return res
+        for o, r in zip(out, res):
+            o[...] = r
+        return tuple(out)
+
+    @staticmethod
+    def _host_pool_only(pool):
+        if not isinstance(pool, np.ndarray):
+            raise RuntimeError(f"the CUDA kernels did not load, and the numpy reference only takes a "
+                               f"numpy pool, got {type(pool).__name__}: build the kernels "
+                               f"(`make build-kernels`) or keep the pool on the host")
 
     def close(self) -> None:
         for e in getattr(self, "engines", {}).values():
