@@ -135,13 +135,14 @@ def render(backend, portrait: np.ndarray, audio: np.ndarray, out, timeline=(), *
 
 def generate(portrait, audio, out, *, controls=None, model: str = "tiny", random_init: bool = False,
              backend: str = "torch", seed: int = 0, onnx_dir=None, progress: bool = True,
-             notice: Callable[[str], None] = _stderr) -> GenerateResult:
+             notice: Callable[[str], None] = _stderr, precision: str = "fp32") -> GenerateResult:
     """Files in, mp4 out (see the module docstring).
 
     ``portrait``: image file; ``audio``: any file ``load_audio`` decodes; ``controls``: timeline
     JSON (``eartalk.controls_timeline``) or None; ``model``: preset name or bundle directory
     (a bundle whose hash or config does not match is refused); ``backend``: ``torch`` or
-    ``onnxruntime`` (needs ``onnx_dir``, the folder of ``eartalk export onnx``).
+    ``onnxruntime`` (needs ``onnx_dir``, the folder of ``eartalk export onnx``); ``precision``:
+    ``fp32``, or ``int8``/``fp8`` with onnxruntime (the Q/DQ graphs of ``eartalk calibrate quantize``).
     Inputs are validated before the model is loaded. Notices (resized portrait, random weights) go
     to ``notice``.
     """
@@ -157,7 +158,10 @@ def generate(portrait, audio, out, *, controls=None, model: str = "tiny", random
     pcm = load_audio(audio)                        # names the file on any decode problem
     if not np.all(np.isfinite(pcm)):
         raise ValueError(f"audio file {audio} decodes to NaN/inf samples")
-    opts = {"onnx_dir": onnx_dir} if backend == "onnxruntime" else {}
+    if precision != "fp32" and backend != "onnxruntime":
+        raise ValueError(f"--precision {precision} needs --backend onnxruntime --onnx-dir DIR (a folder quantized "
+                         f"by `eartalk calibrate quantize`)")
+    opts = {"onnx_dir": onnx_dir, "precision": precision} if backend == "onnxruntime" else {}
     be = open_backend(model, backend, random_init=random_init, seed=seed, **opts)
     try:
         cfg = be.cfg

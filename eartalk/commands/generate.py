@@ -21,7 +21,8 @@ blink [0, 1], emotion (neutral, happy, sad, angry, surprised).
 --model takes a preset name (default tiny: needs the trained default model) or a bundle directory
 (model.json + model.safetensors; a bundle whose hash or config does not match is refused).
 --random-init runs an untrained preset (for testing: frames are not a face).
---backend onnxruntime runs the graphs of `eartalk export onnx` (--onnx-dir).
+--backend onnxruntime runs the graphs of `eartalk export onnx` (--onnx-dir); with --precision int8
+(or fp8) the step and decoder graphs calibrated by `eartalk calibrate quantize` in that folder.
 
 example: eartalk generate --portrait me.png --audio speech.wav --out talk.mp4 --controls timeline.json"""
 
@@ -36,6 +37,8 @@ def add_arguments(p):
                    help="use a randomly initialised model of the preset (no trained weights; output is noise)")
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="default torch")
     p.add_argument("--onnx-dir", type=Path, default=None, help="exported ONNX folder (--backend onnxruntime)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
+                   help="fp32 (default), or the quantized graphs of `eartalk calibrate` (--backend onnxruntime)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init and idle motion (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -50,7 +53,7 @@ def run(args) -> int:
     from eartalk.generate import generate
     res = generate(args.portrait, args.audio, args.out, controls=args.controls, model=args.model,
                    random_init=args.random_init, backend=args.backend, seed=args.seed,
-                   onnx_dir=args.onnx_dir, progress=not args.quiet)
+                   onnx_dir=args.onnx_dir, progress=not args.quiet, precision=args.precision)
     print(f"wrote {res.out} ({res.frames} frames, {res.duration_s:.2f} s of audio) in {res.seconds:.1f} s "
           f"({res.frames / max(res.seconds, 1e-9):.1f} fps)")
     return 0

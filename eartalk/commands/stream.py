@@ -24,6 +24,9 @@ completing the first 120 ms = frame 0 + 80 ms lookahead). Ctrl-C stops and keeps
                                       {"frame": 80, "blink": null}]}
 Each event sets controls from its time ("t", seconds) or frame; null releases a control (free).
 
+--backend onnxruntime --onnx-dir DIR runs the exported graphs; --precision int8 (or fp8) runs the step
+and decoder graphs calibrated by `eartalk calibrate quantize` in DIR.
+
 example: eartalk stream --portrait me.png --audio speech.wav --out out.mp4 --random-init"""
 
 CHUNK_MS = 20
@@ -37,6 +40,10 @@ def add_arguments(p):
     p.add_argument("--model", default="tiny", help="preset name or bundle directory (default tiny)")
     p.add_argument("--random-init", action="store_true",
                    help="use a randomly initialised model of the preset (no trained weights needed; output is noise)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="default torch")
+    p.add_argument("--onnx-dir", type=Path, default=None, help="exported ONNX folder (--backend onnxruntime)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
+                   help="fp32 (default), or the quantized graphs of `eartalk calibrate` (--backend onnxruntime)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init, sampling and idle motion")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -122,7 +129,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not live and not Path(args.audio).is_file():
         raise FileNotFoundError(f"audio file not found: {args.audio}")
-    backend = make_backend(args.model, "torch", random_init=args.random_init, seed=args.seed)
+    kind = getattr(args, "backend", "torch")
+    opts = {"onnx_dir": args.onnx_dir} if kind == "onnxruntime" else {}
+    backend = make_backend(args.model, kind, random_init=args.random_init, seed=args.seed,
+                           precision=getattr(args, "precision", "fp32"), **opts)
     cfg = backend.cfg
     timeline = load_timeline(args.controls, cfg.fps) if args.controls else []
     if args.random_init:

@@ -1,0 +1,190 @@
+"""calibration/quantize.py: Q/DQ files TensorRT's builder expects, metadata and manifest, the
+accuracy gate naming excluded nodes, graph outputs (new_k/new_v) never clipped by a calibration
+range, FP8 refused below sm_89, and stale calibration data refused."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from eartalk.calibration.quantize import (PrecisionUnsupported, fp32_graph_outputs, outputs_from_dequantize,
+                                          quantize)
+from eartalk.calibration.record import CalibrationDataError, record
+from eartalk.data.synth import synthesize_corpus
+from eartalk.export import metadata as md
+from eartalk.export.compare import bundle_hash
+from eartalk.export.onnx_export import export_onnx
+from eartalk.export.trt_build import precision_onnx
+from eartalk.runtime.model_loader import load_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    b = load_model("test", random_init=True, seed=0)
+    onnx_dir = root / "onnx"
+    export_onnx(b.cfg, b.gpt, b.tokenizer, b.audio, onnx_dir, model_name="test", weights_hash=bundle_hash(b),
+                graphs=("step", "tokenizer_decode"))
+    synthesize_corpus(root / "corpus", clips=3, seed=0, size=128, workers=1, progress=False)
+    record("test", root / "corpus", root / "calib", split="train", random_init=True, max_clips=2,
+           max_frames=40, samples=16, progress=False)
+    return root, onnx_dir, root / "calib"
+
+
+@pytest.fixture(scope="module")
+def int8(setup):
+    root, onnx_dir, calib = setup
+    out = root / "q"
+    entries = quantize(onnx_dir, calib, "int8", out)
+    return out, entries
+
+
+def test_int8_files_metadata_and_manifest(setup, int8):
+    _, onnx_dir, _ = setup
+    out, entries = int8
+    man = md.read_manifest(out)
+    assert set(man["quantized"]["int8"]) == {"step", "tokenizer_decode"}
+    for kind in ("step", "tokenizer_decode"):
+        path = out / f"{kind}.int8.onnx"
+        e = man["quantized"]["int8"][kind]
+        assert e["file"] == path.name and e["sha256"] == md.file_sha256(path)
+        # provenance copied, so the runtime's checks apply unchanged; quantization described
+        m = md.verify_onnx(path, kind, config=man["model_config"], weights_hash=man["weights_sha256"])
+        props = md.read_props(m)
+        assert props["precision"] == "int8" and props["source_sha256"] == md.file_sha256(onnx_dir / f"{kind}.onnx")
+        q = json.loads(props["quantization"])
+        assert q["per_channel_weights"] and q["symmetric"] and q["method"] == "entropy"
+        ops = {n.op_type for n in m.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        # symmetric int8 (TensorRT: zero point 0) and per-channel weights (a 1-D scale on a weight DQ)
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2]
+        assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
+        assert any(inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1
+                   for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+        # what export/trt_build.py looks for
+        assert precision_onnx(out, kind, "int8", out) == path
+        assert e["gate_passed"], e["rounds"]
+        assert not outputs_from_dequantize(m)
+    assert entries["step"]["metrics"]["token_agreement"] >= 0.97
+    assert entries["tokenizer_decode"]["metrics"]["psnr_db"] >= 35
+
+
+def _pitfall_model():
+    """x -> MatMul(W1) -> k; k is a graph output AND feeds MatMul(W2): the K/V projection pattern."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["k"], name="k_proj"),
+         helper.make_node("MatMul", ["k", "w2"], ["y"], name="use_k")],
+        "kv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w1, w2])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_kv_outputs_are_not_clipped_to_the_calibration_range(tmp_path):
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    src, dst = tmp_path / "kv.onnx", tmp_path / "kv.q.onnx"
+    onnx.save(_pitfall_model(), str(src))
+    small = [{"x": np.random.default_rng(i).uniform(-0.1, 0.1, (1, 8)).astype(np.float32)} for i in range(8)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(small)
+
+        def get_next(self):
+            return next(self.it, None)
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": True})
+    m = onnx.load(str(dst))
+    assert "k" in outputs_from_dequantize(m)            # the pitfall exists in plain onnxruntime output
+    # an input inside the calibrated input range whose K lies outside K's calibrated range: aligned
+    # with the strongest column of W1, as a K cache entry can be at a stream position never recorded
+    w1 = numpy_helper.to_array(_pitfall_model().graph.initializer[0])
+    j = int(np.abs(w1).sum(0).argmax())
+    x = (0.1 * np.sign(w1[:, j]))[None].astype(np.float32)
+    ref = ort.InferenceSession(str(src)).run(["k"], {"x": x})[0]
+    clipped = ort.InferenceSession(m.SerializeToString()).run(["k"], {"x": x})[0]
+    calib_max = max(np.abs(ort.InferenceSession(str(src)).run(["k"], f)[0]).max() for f in small)
+    assert np.abs(ref).max() > 1.5 * calib_max
+    assert np.abs(clipped).max() <= 1.01 * calib_max             # saturated at the calibration range
+    assert "k" in fp32_graph_outputs(m)
+    onnx.checker.check_model(m)
+    assert outputs_from_dequantize(m) == []
+    k, y = ort.InferenceSession(m.SerializeToString()).run(["k", "y"], {"x": x})
+    # K is the float MatMul output again: only the input's own int8 rounding remains, no clipping
+    assert np.abs(k).max() > 1.5 * calib_max
+    assert np.linalg.norm(k - ref) / np.linalg.norm(ref) < 0.02
+    assert np.isfinite(y).all()
+
+
+def test_step_kv_outputs_are_float_and_unsaturated(setup, int8):
+    """On the real step graph: new_k/new_v are not produced by a DequantizeLinear, and on held-out
+    recorded samples they track fp32 without saturating (max |K| reached, small relative error)."""
+    from eartalk.calibration.record import load_calibration
+    _, onnx_dir, calib = setup
+    out, _ = int8
+    m = onnx.load(str(out / "step.int8.onnx"))
+    producer = {o: n.op_type for n in m.graph.node for o in n.output}
+    assert producer["new_k"] != "DequantizeLinear" and producer["new_v"] != "DequantizeLinear"
+    cal = load_calibration(calib, "step")
+    fp, q = ort.InferenceSession(str(onnx_dir / "step.onnx")), ort.InferenceSession(m.SerializeToString())
+    for i in range(3, len(cal), 4):                      # the gate's held-out samples
+        a = fp.run(["new_k", "new_v"], cal.feed(i))
+        b = q.run(["new_k", "new_v"], cal.feed(i))
+        for x, y in zip(a, b):
+            assert np.abs(y).max() >= 0.95 * np.abs(x).max()
+            assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.05
+
+
+def test_gate_excludes_and_names_nodes(setup, tmp_path):
+    _, onnx_dir, calib = setup
+    strict = {"step": {"token_agreement": 1.01, "kv_rel_error": 0.0}, "tokenizer_decode": {"psnr_db": 35.0}}
+    e = quantize(onnx_dir, calib, "int8", tmp_path / "strict", graphs=("step",), gates=strict, max_rounds=1)["step"]
+    assert not e["gate_passed"] and e["excluded_nodes"]
+    assert all("gate failed" in x["reason"] and "lost_db" in x for x in e["excluded"])
+    m = onnx.load(str(tmp_path / "strict" / "step.int8.onnx"))
+    node = {n.name: n for n in m.graph.node}
+    inits = {t.name for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    for name in e["excluded_nodes"]:          # excluded = its inputs are float, not DequantizeLinear outputs
+        assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node[name].input
+                   if i not in inits)
+
+
+def test_fp8_refused_below_sm89_and_built_otherwise(setup, tmp_path):
+    _, onnx_dir, calib = setup
+    with pytest.raises(PrecisionUnsupported, match="8.9"):
+        quantize(onnx_dir, calib, "fp8", tmp_path / "f", target_sm=87)
+    assert not (tmp_path / "f").exists()                  # refused before writing anything
+    with pytest.raises(ValueError, match="distribution"):
+        quantize(onnx_dir, calib, "fp8", tmp_path / "f", method="entropy")
+    e = quantize(onnx_dir, calib, "fp8", tmp_path / "f", target_sm=89, graphs=("step",), max_rounds=0)["step"]
+    m = onnx.load(str(tmp_path / "f" / "step.fp8.onnx"))
+    q_types = {i.data_type for i in m.graph.initializer if i.name.endswith("zero_point")}
+    assert TensorProto.FLOAT8E4M3FN in q_types
+    assert e["min_compute_capability"] == "8.9" and e["target_sm"] == "8.9"
+    assert 0 <= e["metrics"]["token_agreement"] <= 1           # measured on ORT CPU, whatever it shows
+
+
+def test_stale_calibration_data_is_refused(setup, tmp_path):
+    _, onnx_dir, calib = setup
+    stale = tmp_path / "stale"
+    shutil.copytree(calib, stale)
+    card = json.loads((stale / "card.json").read_text())
+    card["weights_sha256"] = "f" * 64                      # recorded from another model version
+    (stale / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CalibrationDataError, match="another model version"):
+        quantize(onnx_dir, stale, "int8", tmp_path / "out")
+    card["weights_sha256"] = md.read_manifest(onnx_dir)["weights_sha256"]
+    card["config"] = {**card["config"], "head_dim": 16}
+    (stale / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CalibrationDataError, match="another model config"):
+        quantize(onnx_dir, stale, "int8", tmp_path / "out")
