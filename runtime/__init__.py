@@ -39,13 +39,17 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def make_backend(model="tiny", backend: str = "torch", random_init: bool = False, seed: int = 0,
-                 device: str | None = None, **backend_options) -> Backend:
+                 device: str | None = None, precision: str = "fp32", **backend_options) -> Backend:
     """A backend serving ``model`` (a preset name or bundle directory).
 
     ``backend="torch"`` runs the bundle in PyTorch (``device`` default: CUDA if present, else
     CPU; ``batch_invariant=False`` trades bit-exact batching for speed). ``"onnxruntime"`` needs
-    ``runtime/ort_backend.py`` and an exported ONNX folder (``onnx_dir=...``).
+    ``runtime/ort_backend.py`` and an exported ONNX folder (``onnx_dir=...``). ``precision``:
+    ``fp32``, or ``int8``/``fp8`` (onnxruntime only: the Q/DQ graphs of ``eartalk calibrate``).
     """
+    if precision != "fp32" and backend != "onnxruntime":
+        raise ValueError(f"precision {precision!r} needs backend='onnxruntime' and an ONNX folder quantized by "
+                         f"`eartalk calibrate quantize` (the torch backend runs fp32 only)")
     if backend == "torch":
         from .torch_backend import TorchBackend
         return TorchBackend(load_model(model, random_init=random_init, seed=seed), device=device, **backend_options)
@@ -55,14 +59,15 @@ def make_backend(model="tiny", backend: str = "torch", random_init: bool = False
         if cls is None:
             raise RuntimeError("the onnxruntime backend is not available in this build (runtime/ort_backend.py "
                                "has no OrtBackend)")
-        return cls(model=model, random_init=random_init, seed=seed, device=device, **backend_options)
+        return cls(model=model, random_init=random_init, seed=seed, device=device, precision=precision,
+                   **backend_options)
     raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
 
 
 def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_init: bool = False,
                  seed: int = 0, device: str | None = None, realtime: bool = False,
                  temperature: float = 0.0, top_k: int | None = None, idle_motion: bool = True,
-                 controls: dict | None = None, **backend_options) -> Session:
+                 controls: dict | None = None, precision: str = "fp32", **backend_options) -> Session:
     """Open one streaming session (a one-session :class:`Engine`; closing the session closes it).
 
     ``portrait``: image path or uint8 RGB array [H, W, 3] (another size is cropped/resized with a
@@ -74,6 +79,6 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
     if portrait is None:
         raise ValueError("open_session needs portrait= (an image path or a uint8 RGB array [H, W, 3])")
     eng = Engine(make_backend(model, backend, random_init=random_init, seed=seed, device=device,
-                              **backend_options), max_sessions=1)
+                              precision=precision, **backend_options), max_sessions=1)
     return eng.open_session(portrait, realtime=realtime, temperature=temperature, top_k=top_k, seed=seed,
                             idle_motion=idle_motion, controls=controls, _owns_engine=True)

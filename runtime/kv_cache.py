@@ -8,10 +8,15 @@ and the two ops of ``runtime/kv_reference.py``, run one of two ways:
   :class:`~eartalk.runtime.cuda_kernels.CudaKernels`, launched on the pool tensor itself (zero
   copy, torch's current stream). Chosen by default when the pool is on a CUDA device and
   ``cuda_kernels.is_available()``;
+- the host path: for a CPU pool of a numpy dtype (float32, float16), plain numpy block copies
+  on a numpy view of the pool tensor: one strided copy per (session, page) straight into the
+  dense output, which ``gather(out=...)`` can reuse from frame to frame (the engine does). The
+  torch path below makes three full passes over the dense past (index, mask, permute) plus
+  fresh allocations; on a small CPU that was ~3 ms of a ~25 ms tiny frame;
 - the torch path: a handful of indexed torch copies (any device), otherwise.
 
-Both are pure copies (no arithmetic), so both equal the numpy reference bit for bit;
-``tests/test_kv_cache.py`` checks the torch path and ``tests/test_kv_cache_kernels.py`` the
+All are pure copies (no arithmetic), so all equal the numpy reference bit for bit;
+``tests/test_kv_cache.py`` checks the host and torch paths and ``tests/test_kv_cache_kernels.py`` the
 kernel path, on a CPU, through the host build of the same kernel source.
 
 The page table is built on the host (``build_page_table``) and checked there before any launch;
@@ -81,6 +86,11 @@ class KVCache:
                                 dtype=dtype, device=device)
         self._own_kernels = isinstance(kernels, str)      # made here, so closed here
         self.kernels, self.kernel_path = select_kernels(self.pool.device, kernels)
+        # host path: a numpy view sharing the pool tensor's memory (no copy; writes go through)
+        self._pool_np = None
+        if self.kernels is None and self.pool.device.type == "cpu" and dtype in (torch.float32, torch.float16):
+            self._pool_np = self.pool.numpy()
+            self.kernel_path += "; host path: numpy block copies on the CPU pool"
 
     @property
     def nbytes(self) -> int:
@@ -106,6 +116,15 @@ class KVCache:
             o += h.size
         return out
 
+    def empty_dense(self, batch: int, n_slots: int | None = None):
+        """Uninitialised ``(past_k, past_v, past_lag)`` on the pool's device for ``gather(out=...)``."""
+        n_slots = self.n_slots if n_slots is None else n_slots
+        L, H, D, S = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim, n_slots * self.page_tokens
+        dev = self.pool.device
+        return (torch.empty((L, batch, H, S, D), dtype=self.pool.dtype, device=dev),
+                torch.empty((L, batch, H, S, D), dtype=self.pool.dtype, device=dev),
+                torch.empty((batch, S), dtype=torch.int32, device=dev))
+
     # ------------------------------------------------------------------ ops
     def append(self, pages, new_k, new_v) -> None:
         """``pool[pages[b], :, 0/1] = new_k/new_v[:, b]`` for every b; pages distinct."""
@@ -127,15 +146,24 @@ class KVCache:
             (pages_m,) = self._mirror(pages=pages_h.astype(np.int32))
             self.kernels.append(self.pool, pages_m, new_k.contiguous(), new_v.contiguous())
             return
+        if self._pool_np is not None:
+            # host path: one strided copy per page and K/V, no stacked temporary
+            k_np, v_np = new_k.detach().numpy(), new_v.detach().numpy()
+            for b, page in enumerate(pages_h.tolist()):
+                self._pool_np[page, :, 0] = k_np[:, b]
+                self._pool_np[page, :, 1] = v_np[:, b]
+            return
         pages_t = torch.from_numpy(pages_h).to(self.pool.device)
         # [L,B,H,P,D] x2 -> [B,L,2,H,P,D]: one indexed store for the whole batch
         self.pool[pages_t] = torch.stack([new_k, new_v], dim=2).permute(1, 0, 2, 3, 4, 5)
 
-    def gather(self, table: PageTable, n_slots: int | None = None
+    def gather(self, table: PageTable, n_slots: int | None = None, out=None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense ``past_k, past_v [L,B,H,S,D]`` and ``past_lag int32 [B,S]`` for ``table``'s rows.
 
         Slot layout and the exact-zero / lag -2 filling of empty slots follow ``kv_reference.gather``.
+        ``out``: ``(past_k, past_v, past_lag)`` tensors of exactly those shapes and dtypes on the
+        pool's device (e.g. :meth:`empty_dense`), overwritten entirely and returned; default: new ones.
         """
         n_slots = self.n_slots if n_slots is None else n_slots
         indptr = table.kv_indptr.astype(np.int64)
@@ -144,8 +172,12 @@ class KVCache:
         if B and counts.max() > n_slots:
             b = int(np.argmax(counts))
             raise ValueError(f"session {b} has {counts[b]} pages but n_slots={n_slots}")
+        if out is not None:
+            self._check_out(out, B, n_slots)
         if self.kernels is not None:
-            return self._gather_kernels(table, n_slots)
+            return self._gather_kernels(table, n_slots, out)
+        if self._pool_np is not None:
+            return self._gather_host(table, n_slots, out)
         # [B, n_slots] page id per slot (0 where empty: masked below), lag and valid tokens per slot
         slot_of = np.arange(len(table.kv_indices)) - np.repeat(indptr[:-1], counts)
         row_of = np.repeat(np.arange(B), counts)
@@ -164,16 +196,63 @@ class KVCache:
         # [B,n,L,2,H,P,D] -> [2,L,B,H,n,P,D] -> [2,L,B,H,S,D]
         kv = kv.permute(3, 2, 0, 4, 1, 5, 6).reshape(2, L, B, H, n_slots * P, D)
         past_lag = np.where(tok_ok, lag[:, :, None], LAG_EMPTY).reshape(B, n_slots * P).astype(np.int32)
-        return kv[0], kv[1], torch.from_numpy(past_lag).to(dev)
+        res = kv[0], kv[1], torch.from_numpy(past_lag).to(dev)
+        if out is None:
+            return res
+        for o, r in zip(out, res):
+            o.copy_(r)
+        return tuple(out)
 
-    def _gather_kernels(self, table: PageTable, n_slots: int):
+    def _check_out(self, out, B: int, n_slots: int) -> None:
+        L, H, D, S = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim, n_slots * self.page_tokens
+        want = (((L, B, H, S, D), self.pool.dtype), ((L, B, H, S, D), self.pool.dtype), ((B, S), torch.int32))
+        if len(out) != 3:
+            raise ValueError(f"out must be (past_k, past_v, past_lag), got {len(out)} tensors")
+        for name, o, (shape, dtype) in zip(("past_k", "past_v", "past_lag"), out, want):
+            if (not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
+                    or o.device != self.pool.device or not o.is_contiguous()):
+                raise ValueError(f"out {name} must be a contiguous {dtype} tensor {list(shape)} on "
+                                 f"{self.pool.device}, got {o.dtype if isinstance(o, torch.Tensor) else type(o).__name__} "
+                                 f"{list(getattr(o, 'shape', []))}")
+
+    def _gather_host(self, table: PageTable, n_slots: int, out):
+        """The CPU path of :meth:`gather`: each page of a row is copied once, straight from the pool
+        into its slot of the dense output (strided numpy copies, no temporaries)."""
+        B, P = table.batch_size, self.page_tokens
+        if out is None:
+            out = self.empty_dense(B, n_slots)
+        k_t, v_t, lag_t = out
+        L, H, D = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim
+        # [L,B,H,n,P,D] views of the outputs: slot j of row b is [:, b, :, j]
+        ko = k_t.numpy().reshape(L, B, H, n_slots, P, D)
+        vo = v_t.numpy().reshape(L, B, H, n_slots, P, D)
+        lag = lag_t.numpy().reshape(B, n_slots, P)
+        pool = self._pool_np
+        indptr = table.kv_indptr.tolist()
+        ids, lags, valid = table.kv_indices.tolist(), table.page_lag.tolist(), table.page_valid.tolist()
+        if ids and (min(ids) < 0 or max(ids) >= self.num_pages):   # numpy would wrap a negative id
+            raise ValueError(f"page ids must be in [0, {self.num_pages}), got {sorted(set(ids))}")
+        for b in range(B):
+            lo, hi = indptr[b], indptr[b + 1]
+            for j in range(hi - lo):
+                page, n = ids[lo + j], max(0, min(P, valid[lo + j]))
+                ko[:, b, :, j, :n] = pool[page, :, 0, :, :n]
+                vo[:, b, :, j, :n] = pool[page, :, 1, :, :n]
+                lag[b, j, :n] = lags[lo + j]
+                if n < P:                       # tokens past page_valid: empty (+0.0, lag -2)
+                    ko[:, b, :, j, n:] = 0
+                    vo[:, b, :, j, n:] = 0
+                    lag[b, j, n:] = LAG_EMPTY
+            if hi - lo < n_slots:               # slots after the row's last page: empty
+                ko[:, b, :, hi - lo:] = 0
+                vo[:, b, :, hi - lo:] = 0
+                lag[b, hi - lo:] = LAG_EMPTY
+        return k_t, v_t, lag_t
+
+    def _gather_kernels(self, table: PageTable, n_slots: int, out=None):
         # The kernels validate the host halves (int32 only: a PageTable is int32 by construction)
         # before the launch and write straight into tensors on the pool's device.
-        B, S = table.batch_size, n_slots * self.page_tokens
-        L, H, D = self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim
-        dev = self.pool.device
-        out = (torch.empty((L, B, H, S, D), dtype=self.pool.dtype, device=dev),
-               torch.empty((L, B, H, S, D), dtype=self.pool.dtype, device=dev),
-               torch.empty((B, S), dtype=torch.int32, device=dev))
+        if out is None:
+            out = self.empty_dense(table.batch_size, n_slots)
         index = self._mirror(**table.as_kwargs())
         return tuple(self.kernels.gather(self.pool, *index, n_slots, out=out))

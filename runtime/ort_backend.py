@@ -16,7 +16,11 @@ array is read where it lies on the CPU provider) and outputs are written by ONNX
 into freshly allocated numpy arrays, so the K/V tensors -- the bulk of the bytes -- are never
 copied on the way in or out. Session options are tuned for small CPUs (two cores here): a fixed
 intra-op pool, no inter-op parallelism, and no spin-waiting, since idle ORT threads spinning
-between calls would steal the core the next graph (decoder, audio encoder) needs.
+between calls would steal the core the next graph (decoder, audio encoder) needs (measured on the
+tiny stream, 2 cores under load: spinning on was 2.5-3x slower per frame end to end).
+The same holds for any other thread pool in the process: the streaming front end's log-mel runs
+in numpy because torch's MKL/OpenMP threads spun ~200 ms after every 40 ms call and halved the
+step's speed (``eartalk/model/audio.py``).
 """
 from __future__ import annotations
 
@@ -112,6 +116,23 @@ class OrtGraph:
         return self.session.end_profiling()
 
 
+PRECISIONS = ("fp32", "int8", "fp8")
+
+
+def _quantized_files(manifest: dict, precision: str, onnx_dir: Path) -> dict:
+    """``{kind: manifest entry}`` of the ``precision`` Q/DQ graphs; {} for fp32. No silent fallback:
+    a folder without them is an error saying how to make them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    if precision == "fp32":
+        return {}
+    files = manifest.get("quantized", {}).get(precision)
+    if not files:
+        raise md.ArtifactError(f"{onnx_dir / md.MANIFEST}: no {precision} graphs; make them with `eartalk calibrate "
+                               f"record` then `eartalk calibrate quantize --onnx {onnx_dir} --precision {precision}`")
+    return files
+
+
 class OrtGraphs:
     """The six graphs of an ONNX folder, verified at load (see the module docstring).
 
@@ -121,7 +142,8 @@ class OrtGraphs:
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", config: dict | None = None,
                  weights_hash: str | None = None, threads: int | None = None,
-                 graphs: tuple[str, ...] | None = None, profile_prefix: str | None = None):
+                 graphs: tuple[str, ...] | None = None, profile_prefix: str | None = None,
+                 precision: str = "fp32"):
         self.dir = Path(onnx_dir)
         self.manifest = md.read_manifest(self.dir)
         if config is not None and self.manifest["model_config"] != config:
@@ -135,9 +157,14 @@ class OrtGraphs:
         self.providers = provider_list(provider)
         options = session_options(threads, profile_prefix)
         self.graphs: dict[str, OrtGraph] = {}
+        self.precision = precision
+        quantized = _quantized_files(self.manifest, precision, self.dir)
         for kind in graphs or tuple(self.manifest["files"]):
-            path = self.dir / md.manifest_entry(self.manifest, kind, self.dir)["file"]
-            md.verify_onnx(path, kind, config=self.config, weights_hash=self.weights_hash, manifest=self.manifest)
+            # int8/fp8: the Q/DQ files of `eartalk calibrate quantize` for the graphs it quantized
+            # (step, decoder); the others stay fp32. Same checks, against the "quantized" entries.
+            man = {"files": quantized} if kind in quantized else self.manifest
+            path = self.dir / md.manifest_entry(man, kind, self.dir)["file"]
+            md.verify_onnx(path, kind, config=self.config, weights_hash=self.weights_hash, manifest=man)
             self.graphs[kind] = OrtGraph(path, self.providers, options)
 
     def __getitem__(self, kind: str) -> OrtGraph:
@@ -157,6 +184,8 @@ class OrtBackend(Backend):
     (None: take the manifest's). ``weights_hash``: when given, the files must come from those
     weights. ``provider``: ``cpu`` | ``cuda`` | ``tensorrt``. ``threads``: intra-op threads per
     graph (default min(2, cores)). ``profile_prefix``: enable ORT's per-node profiler.
+    ``precision``: ``fp32`` | ``int8`` | ``fp8``: the Q/DQ step and decoder graphs of
+    ``eartalk calibrate quantize`` listed in the manifest (the other graphs stay fp32).
     """
 
     name = "onnxruntime"
@@ -164,7 +193,7 @@ class OrtBackend(Backend):
     def __init__(self, onnx_dir: str | Path | None = None, cfg=None, provider: str | None = None,
                  weights_hash: str | None = None, threads: int | None = None,
                  profile_prefix: str | None = None, *, model=None, random_init: bool = False, seed: int = 0,
-                 device: str | None = None):
+                 device: str | None = None, precision: str = "fp32"):
         # runtime.make_backend passes model/random_init/seed/device: the files must then come from
         # exactly that bundle (its config and weights hash), not merely from the same preset
         if onnx_dir is None:
@@ -179,11 +208,14 @@ class OrtBackend(Backend):
         provider = provider or device or "cpu"
         self.graphs = OrtGraphs(onnx_dir, provider, config=cfg.to_dict() if cfg is not None else None,
                                 weights_hash=weights_hash, threads=threads, graphs=GRAPH_KINDS,
-                                profile_prefix=profile_prefix)
-        cfg = cfg if cfg is not None else ModelConfig.from_dict(self.graphs.config)
+                                profile_prefix=profile_prefix, precision=precision)
+        if cfg is None:   # the manifest's config (OrtBackend(onnx_dir) alone)
+            from eartalk.model.config import ModelConfig
+            cfg = ModelConfig.from_dict(self.graphs.config)
         entry = md.manifest_entry(self.graphs.manifest, "audio_encoder", onnx_dir)
         super().__init__(cfg, entry["inputs"]["mel_window"]["shape"][1])
         self.provider = provider
+        self.precision = precision
         self.weights_hash = self.graphs.weights_hash
 
     @classmethod

@@ -50,6 +50,12 @@ class Engine:
         self.pool = PagePool(num_pages)
         self.cache = KVCache(num_pages, cfg, device=getattr(backend, "device", "cpu"))
         self.sessions: list[StreamState] = []
+        # The dense past of the last batch size, reused tick after tick on a CPU pool: gather
+        # overwrites all of it, the step only reads it, and nothing keeps it past the tick, so a
+        # fresh 5 MB (tiny, per session) allocation per frame buys nothing. Not on a GPU, where a
+        # backend may still be reading it asynchronously when the next tick gathers.
+        self._reuse_dense = self.cache.pool.device.type == "cpu"
+        self._dense = None
         self._ids = itertools.count()
         self.ticks = 0
         self.closed = False
@@ -104,6 +110,7 @@ class Engine:
             self.close_session(s, "engine closed")
         if not self.closed:
             self.cache.close()  # releases CUDA kernels the cache loaded itself
+            self._dense = None
         self.closed = True
 
     def _guard(self, state: StreamState, what: str, fn, *args):
@@ -141,7 +148,12 @@ class Engine:
 
     def _step(self, batch: list[StreamState], inputs) -> None:
         table = build_page_table([s.pages for s in batch])
-        past_k, past_v, past_lag = self.cache.gather(table)
+        out = None
+        if self._reuse_dense:
+            if self._dense is None or self._dense[2].shape[0] != len(batch):
+                self._dense = self.cache.empty_dense(len(batch))
+            out = self._dense
+        past_k, past_v, past_lag = self.cache.gather(table, out=out)
         audio = np.stack([i[0] for i in inputs])
         cond = np.stack([i[1] for i in inputs])
         cond_mask = np.stack([i[2] for i in inputs])
@@ -151,6 +163,7 @@ class Engine:
             logits, new_k, new_v = step_torch(prev, audio, cond, cond_mask, past_k, past_v, past_lag)
             logits = logits.detach().cpu().numpy()
         else:
+            # .cpu().numpy() / from_numpy are views on a CPU pool: the K/V bytes are not copied
             logits, new_k, new_v = self.backend.step(prev, audio, cond, cond_mask, past_k.cpu().numpy(),
                                                      past_v.cpu().numpy(), past_lag.cpu().numpy())
             new_k, new_v = torch.from_numpy(np.asarray(new_k)), torch.from_numpy(np.asarray(new_v))
