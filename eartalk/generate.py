@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from eartalk.data.image_io import read_image
+
 __all__ = ["GenerateResult", "generate", "render", "stream_frames", "read_portrait", "fit_portrait", "open_backend"]
 
 CHUNK_SECONDS = 1.0          # audio pushed per round: bounds memory on long inputs
@@ -39,15 +41,7 @@ def _stderr(msg: str) -> None:
 
 def read_portrait(path) -> np.ndarray:
     """An image file -> uint8 RGB [H, W, 3]; ValueError naming the file if it is not an image."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"portrait image not found: {p}")
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"portrait {p} is not a readable image (png, jpg, ...): {e}") from None
+    return read_image(path, "portrait")
 
 
 def fit_portrait(image: np.ndarray, size: int, name: str = "portrait") -> tuple[np.ndarray, str | None]:

@@ -207,13 +207,6 @@ def _load_portrait(portrait) -> np.ndarray:
         return portrait
     from pathlib import Path
     if isinstance(portrait, (str, Path)):
-        p = Path(portrait)
-        if not p.is_file():
-            raise FileNotFoundError(f"portrait image not found: {p}")
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with Image.open(p) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"portrait {p} is not a readable image: {e}") from e
+        from eartalk.data.image_io import read_image
+        return read_image(portrait, "portrait")
     raise ValueError(f"portrait must be an image path or a uint8 RGB array [H, W, 3], got {type(portrait).__name__}")

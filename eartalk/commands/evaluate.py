@@ -23,26 +23,22 @@ frames at ~20 fps: ~8 minutes on tiny).
 example: eartalk eval --model runs/tiny --data data/corpus --out eval/report.json --max-clips 20"""
 
 
+from eartalk.commands.model_options import add_model_options, apply_threads
+
+
 def add_arguments(p):
-    p.add_argument("--model", default="tiny", help="preset name or bundle directory (default tiny)")
+    add_model_options(p, backends=False)
     p.add_argument("--data", required=True, type=Path, help="corpus directory made by `eartalk synth`")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--out", required=True, type=Path, help="report .json (the drift plot goes beside it)")
     p.add_argument("--frames-drift", type=int, default=10000, help="frames of the drift run (default 10000)")
     p.add_argument("--max-clips", type=int, default=None, help="evaluate only the first K clips of the split")
-    p.add_argument("--random-init", action="store_true",
-                   help="evaluate a randomly initialised model of the preset (a floor for the numbers)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init and idle motion (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    import os
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # see `eartalk stream`
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     from eartalk.evaluate import evaluate, format_table
     rep = evaluate(args.model, args.data, args.out, split=args.split, frames_drift=args.frames_drift,
                    max_clips=args.max_clips, random_init=args.random_init, seed=args.seed,

@@ -27,29 +27,21 @@ blink [0, 1], emotion (neutral, happy, sad, angry, surprised).
 example: eartalk generate --portrait me.png --audio speech.wav --out talk.mp4 --controls timeline.json"""
 
 
+from eartalk.commands.model_options import add_model_options, apply_threads
+
+
 def add_arguments(p):
     p.add_argument("--portrait", required=True, type=Path, help="portrait image (png/jpg)")
     p.add_argument("--audio", required=True, type=Path, help="speech file (any format load_audio reads)")
     p.add_argument("--out", required=True, type=Path, help="output .mp4")
     p.add_argument("--controls", type=Path, default=None, help="controls timeline JSON (see above)")
-    p.add_argument("--model", default="tiny", help="preset name or bundle directory (default tiny)")
-    p.add_argument("--random-init", action="store_true",
-                   help="use a randomly initialised model of the preset (no trained weights; output is noise)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="default torch")
-    p.add_argument("--onnx-dir", type=Path, default=None, help="exported ONNX folder (--backend onnxruntime)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
-                   help="fp32 (default), or the quantized graphs of `eartalk calibrate` (--backend onnxruntime)")
+    add_model_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init and idle motion (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    import os
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # see `eartalk stream`
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     from eartalk.generate import generate
     res = generate(args.portrait, args.audio, args.out, controls=args.controls, model=args.model,
                    random_init=args.random_init, backend=args.backend, seed=args.seed,

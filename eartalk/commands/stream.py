@@ -32,23 +32,19 @@ example: eartalk stream --portrait me.png --audio speech.wav --out out.mp4 --ran
 CHUNK_MS = 20
 
 
+from eartalk.commands.model_options import add_model_options, apply_threads
+
+
 def add_arguments(p):
     p.add_argument("--portrait", required=True, type=Path, help="portrait image (png/jpg)")
     p.add_argument("--audio", required=True, help="audio file, or - for raw s16le 16 kHz mono PCM on stdin")
     p.add_argument("--controls", type=Path, default=None, help="controls timeline JSON (see above)")
     p.add_argument("--out", type=Path, default=None, help="OUT.mp4 (with audio) or OUT.rgb (raw RGB24)")
-    p.add_argument("--model", default="tiny", help="preset name or bundle directory (default tiny)")
-    p.add_argument("--random-init", action="store_true",
-                   help="use a randomly initialised model of the preset (no trained weights needed; output is noise)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="default torch")
-    p.add_argument("--onnx-dir", type=Path, default=None, help="exported ONNX folder (--backend onnxruntime)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
-                   help="fp32 (default), or the quantized graphs of `eartalk calibrate` (--backend onnxruntime)")
+    add_model_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init, sampling and idle motion")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--realtime", action="store_true", help="feed a file in real time and pace output to 25 fps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no live stats line")
 
 
@@ -119,14 +115,8 @@ def _chunks_from_stdin(spc: int):
 def run(args) -> int:
     from eartalk.runtime import make_backend, Engine
 
-    import os
-    # Spinning OpenMP workers steal the core the other thread needs on a small CPU (3x slower
-    # ticks measured on 2 cores); only effective if torch is not loaded yet, as in the CLI.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    apply_threads(args)
     live = args.audio == "-"
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     if not live and not Path(args.audio).is_file():
         raise FileNotFoundError(f"audio file not found: {args.audio}")
     kind = getattr(args, "backend", "torch")

@@ -1,0 +1,26 @@
+"""Options shared by the commands that run a model (generate, stream, eval), parsed one way."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def add_model_options(p, backends: bool = True) -> None:
+    p.add_argument("--model", default="tiny", help="preset name or bundle directory (default tiny)")
+    p.add_argument("--random-init", action="store_true",
+                   help="a randomly initialised model of the preset (no trained weights; output is noise)")
+    if backends:
+        p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="default torch")
+        p.add_argument("--onnx-dir", type=Path, default=None, help="exported ONNX folder (--backend onnxruntime)")
+        p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
+                       help="fp32 (default), or the quantized graphs of `eartalk calibrate` (--backend onnxruntime)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(args) -> None:
+    """Idle OpenMP threads must not spin: on a 2-core CPU they steal the core the step needs
+    (3x slower ticks measured). Only effective before torch is loaded, as in the CLI."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
