@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -258,7 +257,7 @@ def _plot(r: dict, path: Path) -> None:
     a.plot(cap(r["per_frame"]["stream_psnr_db"]), label="free-running stream", lw=0.8)
     a.axhline(TARGETS["psnr_db"], color="k", ls="--", lw=0.6, label="target")
     a.set_xlabel("frame (clips concatenated)")
-    a.set_ylabel(f"PSNR vs fp32 dB (inf shown as 60)")
+    a.set_ylabel("PSNR vs fp32 dB (inf shown as 60)")
     a.set_title(f"{r['precision']} vs fp32")
     a.legend(fontsize=7)
     for name, d in r["drift"].items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eartalk.model import bundle as _bundle
-from eartalk.model.config import PRESETS
+from eartalk.model.config import PRESETS, preset
 
 __all__ = ["ModelNotTrainedError", "load_model"]
 
@@ -31,7 +31,7 @@ def load_model(model: str | Path = "tiny", random_init: bool = False, seed: int 
     if random_init:
         if not (isinstance(model, str) and model in PRESETS):
             raise ValueError(f"random_init=True needs a preset name, one of {sorted(PRESETS)}; got {model!r}")
-        return _bundle.new_bundle(_bundle.preset(model), seed)
+        return _bundle.new_bundle(preset(model), seed)
     if isinstance(model, str) and model in PRESETS:
         d = _bundle.resolve(model)
         if not ((d / _bundle.CARD).exists() and (d / _bundle.WEIGHTS).exists()):

@@ -1,6 +1,5 @@
 """calibration/record.py: real runtime inputs are recorded with the coverage the card claims, and
 stale or mismatching recordings are refused with a clear error."""
-import json
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The probe: the shipped instrument loads with its hash checked, reads the held-out renders as its
 report says, and its metrics are computed right."""
 import json
-import shutil
 
 import numpy as np
 import pytest

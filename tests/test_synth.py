@@ -1,6 +1,5 @@
 """The synthetic corpus: determinism, resumability, held-out splits, bad arguments."""
 import json
-import os
 import subprocess
 import sys
 

@@ -332,7 +332,7 @@ def _sphere(n: int = 10) -> np.ndarray:
 
 def _fill_face_region(cv, h: _Head, outline: np.ndarray, style: int, paint: skia.Paint):
     """Skin of the face below the hairline, on the front surface (hides the cap's front)."""
-    a, b = h.a, h.b
+    b = h.b
     side_y = {_CURLY: -0.3 * b, _LONG: -0.25 * b}.get(style, -0.2 * b)
     low = outline[outline[:, 1] >= side_y]
     # Order right temple -> chin -> left temple (angle measured from the top of the head).

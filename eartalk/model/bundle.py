@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from eartalk.model.audio import AudioEncoder
-from eartalk.model.config import PRESETS, ModelConfig, preset
+from eartalk.model.config import PRESETS, ModelConfig
 from eartalk.model.gpt import EARTalkGPT
 from eartalk.model.tokenizer import VQTokenizer
 

@@ -6,7 +6,6 @@ training, so the report says how well the probe measures faces and speech it has
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
