@@ -57,7 +57,8 @@ class Mp4Writer:
         self.n_samples = 0
         self._closed = False
         # "+bitexact" keeps the muxer from writing the library version/creation time, so identical
-        # input gives identical bytes.
+        # input usually gives identical bytes (not guaranteed: one run differed by a level, so the
+        # corpus's reference frames are its lossless frames.npy).
         self._container = av.open(str(self.partial), mode="w", format="mp4",
                                   options={"fflags": "+bitexact"})
         try:
