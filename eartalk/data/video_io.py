@@ -57,8 +57,9 @@ class Mp4Writer:
         self.n_samples = 0
         self._closed = False
         # "+bitexact" keeps the muxer from writing the library version/creation time, so identical
-        # input usually gives identical bytes (not guaranteed: one run differed by a level, so the
-        # corpus's reference frames are its lossless frames.npy).
+        # input usually gives identical bytes. Not guaranteed: inside the full test process two
+        # encodes of the same frames differed by up to 5 levels, so the corpus's reference frames
+        # are its lossless frames.npy and nothing compares mp4 bytes.
         self._container = av.open(str(self.partial), mode="w", format="mp4",
                                   options={"fflags": "+bitexact"})
         try:
