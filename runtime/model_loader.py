@@ -10,13 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from eartalk.model import bundle as _bundle
+from eartalk.model.bundle import ModelNotTrainedError
 from eartalk.model.config import PRESETS, preset
 
 __all__ = ["ModelNotTrainedError", "load_model"]
-
-
-class ModelNotTrainedError(FileNotFoundError):
-    """A preset was requested whose trained weights are not shipped in this install."""
 
 
 def load_model(model: str | Path = "tiny", random_init: bool = False, seed: int = 0):
@@ -32,14 +29,6 @@ def load_model(model: str | Path = "tiny", random_init: bool = False, seed: int 
         if not (isinstance(model, str) and model in PRESETS):
             raise ValueError(f"random_init=True needs a preset name, one of {sorted(PRESETS)}; got {model!r}")
         return _bundle.new_bundle(preset(model), seed)
-    if isinstance(model, str) and model in PRESETS:
-        d = _bundle.resolve(model)
-        if not ((d / _bundle.CARD).exists() and (d / _bundle.WEIGHTS).exists()):
-            raise ModelNotTrainedError(
-                f"the default model {model!r} has not been trained yet: no weights in {d}. Train it "
-                f"with `eartalk train --recipe {model}`, or open an untrained (random) model for "
-                f"testing with open_session(model={model!r}, random_init=True, seed=0) "
-                f"(command line: --random-init)")
-    elif not Path(model).is_dir():
+    if not (isinstance(model, str) and model in PRESETS) and not Path(model).is_dir():
         raise FileNotFoundError(f"model {str(model)!r} is neither a preset {sorted(PRESETS)} nor a directory")
     return _bundle.load_bundle(model)

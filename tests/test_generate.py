@@ -39,14 +39,6 @@ def bundle_dir(tmp_path_factory):
     return save_bundle(new_bundle(CFG, seed=0), tmp_path_factory.mktemp("bundle") / "test-bundle")
 
 
-@pytest.fixture
-def files(tmp_path):
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)).save(tmp_path / "p.png")
-    sf.write(tmp_path / "a.wav", (rng.standard_normal(7000) * 0.1).astype(np.float32), 16000)
-    return tmp_path
-
-
 def gen(files, *extra, audio="a.wav", portrait="p.png", out="o.mp4"):
     return main(["generate", "--portrait", str(files / portrait), "--audio", str(files / audio),
                  "--out", str(files / out), "--quiet", *extra])

@@ -5,23 +5,13 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from PIL import Image
 
 from eartalk.cli import main
 from eartalk.commands.stream import load_timeline
 
 torch.set_num_threads(1)
 S = 32                         # the "test" preset's frame size
-
-
-@pytest.fixture
-def files(tmp_path):
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)).save(tmp_path / "p.png")
-    sf.write(tmp_path / "a.wav", (rng.standard_normal(7000) * 0.1).astype(np.float32), 16000)
-    return tmp_path
 
 
 def test_file_to_raw_rgb_has_ceil_frames(files, capsys):

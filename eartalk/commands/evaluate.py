@@ -33,7 +33,6 @@ def add_arguments(p):
     p.add_argument("--out", required=True, type=Path, help="report .json (the drift plot goes beside it)")
     p.add_argument("--frames-drift", type=int, default=10000, help="frames of the drift run (default 10000)")
     p.add_argument("--max-clips", type=int, default=None, help="evaluate only the first K clips of the split")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-init and idle motion (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

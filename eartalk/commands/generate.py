@@ -36,7 +36,6 @@ def add_arguments(p):
     p.add_argument("--out", required=True, type=Path, help="output .mp4")
     p.add_argument("--controls", type=Path, default=None, help="controls timeline JSON (see above)")
     add_model_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-init and idle motion (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

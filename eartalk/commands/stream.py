@@ -41,7 +41,6 @@ def add_arguments(p):
     p.add_argument("--controls", type=Path, default=None, help="controls timeline JSON (see above)")
     p.add_argument("--out", type=Path, default=None, help="OUT.mp4 (with audio) or OUT.rgb (raw RGB24)")
     add_model_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-init, sampling and idle motion")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--realtime", action="store_true", help="feed a file in real time and pace output to 25 fps")

@@ -75,13 +75,19 @@ def resolve(model: str | Path) -> Path:
     return Path(model)
 
 
+class ModelNotTrainedError(FileNotFoundError):
+    """A preset was requested whose trained weights are not shipped in this install."""
+
+
 def read_card(model: str | Path) -> dict:
     d = resolve(model)
     if not (d / CARD).exists() or not (d / WEIGHTS).exists():
         if isinstance(model, str) and model in PRESETS:
-            raise FileNotFoundError(
-                f"model {model!r} has no trained weights in this install ({d}); train them with "
-                f"`eartalk train --recipe {model}`, or pass random_init=True for an untrained model")
+            raise ModelNotTrainedError(
+                f"the default model {model!r} has not been trained yet: no weights in {d}. Train it "
+                f"with `eartalk train --recipe {model}`, or open an untrained (random) model for "
+                f"testing with open_session(model={model!r}, random_init=True, seed=0) "
+                f"(command line: --random-init)")
         raise FileNotFoundError(f"{d} is not a model directory: expected {CARD} and {WEIGHTS}")
     return json.loads((d / CARD).read_text())
 
