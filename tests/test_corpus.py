@@ -72,7 +72,8 @@ def test_identical_clips_give_identical_files(tmp_path):
     frames, audio, gt = _clip()
     write_clip(tmp_path / "a", "c", frames, audio, gt, {"v": 1})
     write_clip(tmp_path / "b", "c", frames, audio, gt, {"v": 1})
-    for suffix in (".gt.csv", ".json", ".wav", ".frames.npy", ".mp4"):
+    # The mp4 is left out: x264 encodes are not promised bit-exact across processes.
+    for suffix in (".gt.csv", ".json", ".wav", ".frames.npy"):
         assert (tmp_path / "a/clips" / f"c{suffix}").read_bytes() == \
                (tmp_path / "b/clips" / f"c{suffix}").read_bytes(), suffix
 
