@@ -1,11 +1,11 @@
-"""VQTokenizer: shapes, ranges, determinism, learning on synthetic shapes, ONNX round trips."""
+"""VQTokenizer: FSQ codes, shapes, ranges, determinism, learning on synthetic shapes, ONNX round trips."""
 import numpy as np
 import pytest
 import torch
 
 from eartalk.model.config import preset
-from eartalk.model.tokenizer import (TokenizerDecode, TokenizerEncode, TokenizerReference,
-                                     VQTokenizer, train_tokenizer)
+from eartalk.model.tokenizer import (FSQ, TokenizerDecode, TokenizerEncode, TokenizerReference,
+                                     VQTokenizer, fsq_levels, reconstruction_psnr, train_tokenizer)
 
 
 def synthetic_clips(n_ids=4, per_id=24, size=32, seed=0):
@@ -58,6 +58,29 @@ def test_shapes_ranges_and_uint8(cfg, tok):
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
+def test_fsq_levels_and_index_round_trip():
+    assert fsq_levels(512) == (8, 8, 8) and fsq_levels(16) == (4, 4) and fsq_levels(1024) == (8, 8, 4, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        fsq_levels(500)
+    q = FSQ(512).eval()
+    z = torch.randn(2, 3, 4, 4) * 3
+    codes, idx = q(z)
+    assert torch.equal(idx, q.indices(z)) and torch.equal(q.lookup(idx, 4), codes)
+    # every index decodes to its own digits: 7 + 8*2 + 64*5 = 343
+    digits = torch.tensor([7, 2, 5], dtype=torch.float32) / 7 * 2 - 1
+    assert torch.allclose(q.lookup(torch.tensor([[343]]), 1).flatten(), digits)
+
+
+def test_encode_is_relative_to_the_portrait(cfg, tok):
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    p = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        assert torch.equal(tok.encode(x), tok.encode(x, x))      # the sink: against itself
+        assert not torch.equal(tok._encode(x, p), tok._encode(x, x))
+    with pytest.raises(ValueError, match="portrait"):
+        tok.encode(x, p[:1])
+
+
 def test_eval_is_deterministic(cfg, tok):
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():
@@ -86,7 +109,7 @@ def test_training_learns_what_changes(cfg, tmp_path):
 
     def errors(model):
         with torch.no_grad():
-            toks = model.encode(x)
+            toks = model.encode(x, p)
             err = (model.decode(toks, model.reference(p)) - x).abs().mean(1)
         return float(err[changed].mean()), float(err.mean()), len(set(map(tuple, toks.tolist())))
 
@@ -95,14 +118,16 @@ def test_training_learns_what_changes(cfg, tmp_path):
     ch_before, all_before, _ = errors(fresh)
     m = train_tokenizer(frames, portraits, cfg, steps=400, lr=3e-3, batch=16,
                         out_dir=str(tmp_path), progress=False, portrait_index=index,
-                        tokenizer=fresh)
+                        tokenizer=fresh, val=(x, p, None), val_every=200)
     ch_after, all_after, distinct = errors(m["model"])
     copy_err = float((x - p).abs().mean(1)[changed].mean())
     assert ch_after < 0.25 * ch_before and ch_after < 0.25 * copy_err, (ch_before, ch_after)
     assert all_after < all_before
     assert distinct >= 8, distinct                             # 96 frames, all different
     assert m["codebook"]["used"] >= 8 and m["codebook"]["perplexity"] > 4
+    assert m["val_psnr"] == reconstruction_psnr(m["model"], x, p)      # val=(frames, portraits)
     # the saved file reloads to the same model
+    assert (tmp_path / "tokenizer_curves.png").stat().st_size > 0
     re = VQTokenizer.load(str(tmp_path / "tokenizer.safetensors"))
     assert errors(re) == (ch_after, all_after, distinct)
 

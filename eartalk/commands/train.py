@@ -17,12 +17,16 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
       OUT/model.json (config and weights hash), curves as PNG. Copy OUT to eartalk/assets/models/tiny
       to ship it.
 
-  tokenizer / gpt: the recipe's stages on their own are `--recipe` with the stage's work folder
-  kept; run the recipe."""
+  eartalk train tokenizer --recipe tiny --data data/corpus --out runs/tiny
+  eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny
+      the recipe's two stages one at a time: the tokenizer (OUT/work/tokenizer.safetensors, its
+      held-out PSNR in OUT/work/tokenizer_report.json, curves in tokenizer_curves.png), then the
+      audio encoder + transformer on the frozen tokenizer (resumes from OUT/work/gpt_ckpt.pt)."""
 
 
 def add_arguments(p):
-    p.add_argument("what", nargs="?", choices=["probe"], help="train the probe (omit with --recipe)")
+    p.add_argument("what", nargs="?", choices=["probe", "tokenizer", "gpt"],
+                   help="probe; or one stage of --recipe (tokenizer, gpt); omit for the whole recipe")
     p.add_argument("--recipe", choices=None, default=None, help="model recipe: tiny (or smoke, seconds)")
     p.add_argument("--data", required=True, type=Path, help="corpus folder (from `eartalk synth`)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -37,6 +41,13 @@ def add_arguments(p):
 def run(args) -> int:
     if not (args.data / "splits.json").exists():
         raise FileNotFoundError(f"--data {args.data} is not a corpus (no splits.json); make one with `eartalk synth`")
+    if args.what in ("tokenizer", "gpt"):
+        from eartalk.model import recipe
+        stage = recipe.tokenizer_stage if args.what == "tokenizer" else recipe.gpt_stage
+        rep = stage(args.recipe or "tiny", args.data, args.out, progress=not args.quiet, seed=args.seed)
+        print({k: v for k, v in rep.items() if k != "val_curve"})
+        print(f"{args.what} stage of recipe {args.recipe or 'tiny'} written to {args.out}")
+        return 0
     if args.recipe:
         from eartalk.model.recipe import run_recipe
         rep = run_recipe(args.recipe, args.data, args.out, progress=not args.quiet, seed=args.seed)

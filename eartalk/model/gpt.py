@@ -57,6 +57,21 @@ def sfa_mask(T: int, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=8)   # training calls this with the same T every step
+def _window_lags(T: int, P: int, N: int, W: int, device) -> tuple[Tensor, Tensor]:
+    """For ``forward_train``'s per-frame keys [sink (P) | W window pages (W*P) | own rows (P+N)]:
+    lag [T, K] int32 (-1 sink, W..1 window, -2 before frame 0, 0 own) and the own-frame mask
+    [P+N, K] (0 or -inf: context rows do not see their frame's query slots)."""
+    t = torch.arange(T)[:, None]
+    page_lag = (W - torch.arange(W))[None, :].expand(T, W)                    # oldest page first
+    page_lag = torch.where(t - page_lag >= 0, page_lag, torch.full_like(page_lag, EMPTY))
+    lag = torch.cat([torch.full((T, P), SINK), page_lag.repeat_interleave(P, dim=1),
+                     torch.zeros(T, P + N, dtype=torch.long)], dim=1).to(torch.int32)
+    mask = torch.zeros(P + N, lag.shape[1])
+    mask[:P, lag.shape[1] - N:] = float("-inf")
+    return lag.to(device), mask.to(device)
+
+
+@functools.lru_cache(maxsize=8)
 def _sfa_lag(T: int, P: int, N: int, W: int) -> Tensor:
     if T < 1:
         raise ValueError(f"need at least one frame, got T={T}")
@@ -241,27 +256,51 @@ class EARTalkGPT(nn.Module):
     # ---- training
     def forward_train(self, tokens: Tensor, portrait_tokens: Tensor, audio: Tensor, cond: Tensor,
                       cond_mask: Tensor, prev_first: Tensor | None = None) -> Tensor:
-        """Teacher forcing of T frames under the SFA mask -> logits [B,T,N,V].
+        """Teacher forcing of T frames under SFA -> logits [B,T,N,V].
 
         tokens [B,T,N] (frame 0 = first frame after the portrait), portrait_tokens [B,N],
         audio [B,T,A,F], cond [B,T,C,Dc], cond_mask bool [B,T,C]. ``prev_first`` [B,N]: the
         tokens frame 0 reads as its previous frame (default: the portrait's, as at a stream's
         start); training on windows cut from the middle of a clip passes the frame before.
+
+        Each frame's rows attend only to the keys ``step`` would see, gathered per frame: the sink
+        page, the W pages before it (missing ones masked) and its own P+N rows, i.e. the visible
+        blocks of ``sfa_mask`` without the ~(1 - (W+2)/T) of the full [L, L] score matrix that the
+        mask hides. Equal to :meth:`_forward_train_masked` (the full-mask reference) and to
+        ``prefill`` + ``step`` frame by frame (tested); about 3x faster to train.
         """
         c = self.cfg
-        B, T = tokens.shape[:2]
+        B, T, sink, ctx, qry = self._train_inputs(tokens, portrait_tokens, audio, cond, cond_mask, prev_first)
+        P, N, W, H, D = c.page_tokens, c.tokens_per_frame, c.window, c.n_head, c.head_dim
+        lag_keys, own_mask = _window_lags(T, P, N, W, tokens.device)
+        x = torch.cat([ctx.view(B, T, P, -1), qry.view(B, T, N, -1)], dim=2)    # [B,T,P+N,d]
+        scale = 1.0 / math.sqrt(D)
+        sink_lag = torch.zeros(P, P, dtype=torch.int32, device=tokens.device)
+        for l, blk in enumerate(self.blocks):
+            # the sink page: prefilled alone, it sees only itself (lag 0)
+            sink, sk, sv = blk(sink, lag_bias(self.lag_bias[l], sink_lag, W).permute(2, 0, 1).unsqueeze(0))
+            h = blk.ln1(x)
+            q, k, v = blk.attn.qkv(h).view(B, T, P + N, 3, H, D).permute(3, 0, 4, 1, 2, 5)  # [B,H,T,P+N,D]
+            # keys of frame t: sink | contexts of frames t-W .. t-1 (zeros before frame 0) | own rows
+            def window(a):
+                pad = torch.cat([a.new_zeros(B, H, W, P, D), a[:, :, :, :P]], dim=2)   # [B,H,W+T,P,D]
+                return pad.unfold(2, W, 1)[:, :, :T].permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * P, D)
+            keys = torch.cat([sk.unsqueeze(2).expand(B, H, T, P, D), window(k), k], dim=3)
+            vals = torch.cat([sv.unsqueeze(2).expand(B, H, T, P, D), window(v), v], dim=3)
+            bias = lag_bias(self.lag_bias[l], lag_keys, W).permute(2, 0, 1).unsqueeze(2)  # [H,T,1,K]
+            scores = (q * scale) @ keys.transpose(-2, -1) + bias + own_mask          # [B,H,T,P+N,K]
+            y = (torch.softmax(scores, dim=-1) @ vals).permute(0, 2, 3, 1, 4).reshape(B, T, P + N, H * D)
+            x = x + blk.attn.proj(y)
+            x = x + blk.mlp(blk.ln2(x))
+        return self._logits(x[:, :, P:])
+
+    def _forward_train_masked(self, tokens: Tensor, portrait_tokens: Tensor, audio: Tensor, cond: Tensor,
+                              cond_mask: Tensor, prev_first: Tensor | None = None) -> Tensor:
+        """Reference for :meth:`forward_train`: the whole sequence under the [L, L] ``sfa_mask``."""
+        c = self.cfg
+        B, T, sink, ctx, qry = self._train_inputs(tokens, portrait_tokens, audio, cond, cond_mask, prev_first)
         P, N = c.page_tokens, c.tokens_per_frame
-        self._check_tokens(portrait_tokens, "portrait_tokens")
-        for name, t, tail in (("tokens", tokens, (N,)), ("audio", audio, (c.audio_tokens, c.audio_dim)),
-                              ("cond", cond, (c.cond_tokens, c.cond_dim)), ("cond_mask", cond_mask, (c.cond_tokens,))):
-            if tuple(t.shape) != (B, T, *tail):
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, T, *tail)}")
-        first = portrait_tokens if prev_first is None else prev_first
-        prev = torch.cat([first[:, None], tokens[:, :-1]], dim=1)  # frame t reads frame t-1
-        flat = lambda t: t.reshape(B * T, *t.shape[2:])
-        ctx = self._context(flat(prev), self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
-        frames = torch.cat([ctx, self._queries(B * T)], dim=1).view(B, T * (P + N), -1)
-        sink = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
+        frames = torch.cat([ctx, qry], dim=1).view(B, T * (P + N), -1)
         x = torch.cat([sink, frames], dim=1)
         lag = _sfa_lag(T, P, N, c.window).to(tokens.device)
         for l, blk in enumerate(self.blocks):
@@ -269,6 +308,23 @@ class EARTalkGPT(nn.Module):
             x, _, _ = blk(x, lag_bias(self.lag_bias[l], lag, c.window).permute(2, 0, 1).unsqueeze(0))
         q = x[:, P:].view(B, T, P + N, -1)[:, :, P:]
         return self._logits(q)
+
+    def _train_inputs(self, tokens, portrait_tokens, audio, cond, cond_mask, prev_first):
+        """Checked shapes -> (B, T, sink context [B,P,d], contexts [B*T,P,d], queries [B*T,N,d])."""
+        c = self.cfg
+        B, T = tokens.shape[:2]
+        N = c.tokens_per_frame
+        self._check_tokens(portrait_tokens, "portrait_tokens")
+        for name, t, tail in (("tokens", tokens, (N,)), ("audio", audio, (c.audio_tokens, c.audio_dim)),
+                              ("cond", cond, (c.cond_tokens, c.cond_dim)), ("cond_mask", cond_mask, (c.cond_tokens,))):
+            if tuple(t.shape) != (B, T, *tail):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, T, *tail)}")
+        first = portrait_tokens if prev_first is None else prev_first
+        prev = torch.cat([first[:, None], tokens[:, :-1]], dim=1)  # frame t reads frame t-1
+        flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
+        ctx = self._context(flat(prev), self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
+        sink = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
+        return B, T, sink, ctx, self._queries(B * T)
 
     # ---- input checks (shapes only: static, so they vanish from an exported graph)
     def _check_tokens(self, t: Tensor, name: str):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from eartalk.data.corpus import list_clips, load_clip
@@ -22,60 +23,94 @@ from eartalk.model.train_gpt import clip_portrait, fit_size, tokenize_corpus, tr
 
 RECIPES = {
     # minutes per stage on the 2-core reference machine; total <= 90
-    "tiny": dict(preset="tiny", tok_steps=2500, tok_batch=16, tok_minutes=25, tok_every=6,
+    "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  gpt_minutes=50, gpt_batch=4, max_clips=None),
     # a smoke test of the whole pipeline (seconds)
-    "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_minutes=1, tok_every=4,
+    "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4,
                   gpt_minutes=0.3, gpt_batch=2, max_clips=4),
 }
 
 
-def _tokenizer_data(corpus: Path, size: int, every: int, max_clips, progress: bool):
+def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool):
+    """Every ``every``-th frame of each clip of ``split`` with its clip's portrait: (frames, portraits,
+    portrait_index), channels first, uint8."""
     frames, portraits, index = [], [], []
-    for i, cid in enumerate(tqdm(list_clips(corpus, "train")[:max_clips], desc="loading frames",
+    for i, cid in enumerate(tqdm(list_clips(corpus, split)[:max_clips], desc=f"loading {split} frames",
                                  disable=not progress, unit="clip")):
         clip = load_clip(corpus, cid)
         frames.append(fit_size(np.asarray(clip.frames)[::every], size))
         portraits.append(clip_portrait(clip, size))
         index.append(np.full(len(frames[-1]), i))
-    to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))
+    to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))  # noqa: E731
     return to_chw(np.concatenate(frames)), to_chw(np.stack(portraits)), np.concatenate(index)
 
 
-def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
+def _recipe(name: str) -> dict:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
-    r = RECIPES[name]
+    return RECIPES[name]
+
+
+def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
+    """Stage 1 (``eartalk train tokenizer``): train the tokenizer on the train split, measure its
+    held-out PSNR on the validation split; writes ``out/work/tokenizer.safetensors`` and curves."""
+    r = _recipe(name)
+    cfg = preset(r["preset"])
+    work = Path(out) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    frames, portraits, index = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress)
+    # held-out PSNR on the validation split (a small corpus may have none: then no validation)
+    val = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
+        if list_clips(corpus, "val") else None
+    torch.manual_seed(seed)
+    m = train_tokenizer(frames, portraits, cfg, steps=r["tok_steps"], batch=r["tok_batch"], lr=r["tok_lr"],
+                        out_dir=str(work), progress=progress, portrait_index=index, seed=seed,
+                        max_minutes=r["tok_minutes"], val=val, val_every=500)
+    m.pop("model")
+    m.update(frames=int(len(frames)), val_frames=int(len(val[0])) if val else 0)
+    (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
+    return m
+
+
+def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
+    """Stage 2 (``eartalk train gpt``): with the frozen tokenizer of stage 1, tokenize the corpus and
+    train the audio encoder and the transformer (resumable from ``out/work/gpt_ckpt.pt``); then
+    write the bundle ``out/model.safetensors`` + ``out/model.json``."""
+    r = _recipe(name)
     cfg = preset(r["preset"])
     out = Path(out)
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    report = {"recipe": name, "corpus": str(corpus)}
-    bundle = new_bundle(cfg, seed)
     tok_path = work / "tokenizer.safetensors"
-    if tok_path.exists():  # resumable: a finished stage is not redone
-        bundle.tokenizer = VQTokenizer.load(str(tok_path), cfg)
-    else:
-        frames, portraits, index = _tokenizer_data(corpus, cfg.image_size, r["tok_every"], r["max_clips"], progress)
-        report["tokenizer_frames"] = int(len(frames))
-        m = train_tokenizer(frames, portraits, cfg, steps=r["tok_steps"], batch=r["tok_batch"],
-                            out_dir=str(work), progress=progress, portrait_index=index, seed=seed,
-                            tokenizer=bundle.tokenizer, max_minutes=r["tok_minutes"])
-        bundle.tokenizer = m.pop("model")
-        report["tokenizer"] = m
-    report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
-    bundle.tokenizer.eval()
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path} is missing: train the tokenizer first "
+                                f"(`eartalk train tokenizer --data {corpus} --out {out}`)")
+    t0 = time.time()
+    bundle = new_bundle(cfg, seed)
+    bundle.tokenizer = VQTokenizer.load(str(tok_path), cfg)
     for p in bundle.tokenizer.parameters():
         p.requires_grad_(False)
     train = tokenize_corpus(bundle, corpus, "train", r["max_clips"], progress)
     val = tokenize_corpus(bundle, corpus, "val", r["max_clips"], progress)
-    report["tokenize_minutes"] = round((time.time() - t0) / 60, 2) - report["tokenizer_minutes"]
-    report["gpt"] = train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
-                              seed=seed, progress=progress)
-    report["total_minutes"] = round((time.time() - t0) / 60, 2)
+    report = {"tokenize_minutes": round((time.time() - t0) / 60, 2)}
+    report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
+                            seed=seed, progress=progress))
+    rep_path = work / "tokenizer_report.json"
+    tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
     card = json.loads((corpus / "data_card.json").read_text()) if (corpus / "data_card.json").exists() else {}
-    save_bundle(bundle, out, recipe=name, training=report,
+    save_bundle(bundle, out, recipe=name, training={"tokenizer": tok_report, "gpt": report},
                 trained_on={"corpus_hours": card.get("hours"), "identities": card.get("identities"),
                             "voices": len(card.get("voices", [])), "seed": card.get("seed")})
+    return report
+
+
+def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
+    """Both stages; a finished tokenizer (``out/work/tokenizer.safetensors``) is kept, not redone."""
+    _recipe(name)
+    t0 = time.time()
+    report = {"recipe": name, "corpus": str(corpus)}
+    if not (Path(out) / "work" / "tokenizer.safetensors").exists():
+        report["tokenizer"] = tokenizer_stage(name, corpus, out, progress, seed)
+    report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
+    report["gpt"] = gpt_stage(name, corpus, out, progress, seed)
+    report["total_minutes"] = round((time.time() - t0) / 60, 2)
     return report

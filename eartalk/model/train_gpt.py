@@ -21,7 +21,8 @@ from tqdm import tqdm
 from eartalk.data.corpus import list_clips, load_clip
 from eartalk.model.audio import LogMel
 from eartalk.model.bundle import ModelBundle
-from eartalk.model.conditions import controls_from_gt
+from eartalk.model.conditions import controls_from_gt, encode_controls
+from eartalk.model.config import CONTROLS
 
 
 @dataclass
@@ -64,8 +65,9 @@ def tokenize_corpus(bundle: ModelBundle, corpus: Path, split: str, max_clips: in
     for cid in tqdm(ids, desc=f"tokenizing {split}", disable=not progress, unit="clip"):
         clip = load_clip(corpus, cid)
         frames = torch.from_numpy(fit_size(np.asarray(clip.frames), cfg.image_size)).permute(0, 3, 1, 2)
-        toks = torch.cat([tok.encode(frames[i:i + 128]) for i in range(0, len(frames), 128)])
         portrait = torch.from_numpy(clip_portrait(clip, cfg.image_size)).permute(2, 0, 1)[None]
+        toks = torch.cat([tok.encode(f, portrait.expand(len(f), -1, -1, -1))
+                          for f in frames.split(128)])   # tokens are relative to the portrait
         mel = logmel(torch.from_numpy(clip.audio.astype(np.float32)))[0]
         out.append(ClipTokens(cid, toks.numpy().astype(np.int16), tok.encode(portrait)[0].numpy().astype(np.int16),
                               mel.float().numpy(), clip.gt))
@@ -97,23 +99,40 @@ def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, 
         prev.append(torch.from_numpy((c.tokens[s - 1] if s > 0 else c.portrait).astype(np.int64)))
         port.append(torch.from_numpy(c.portrait.astype(np.int64)))
         aud.append(_audio_tokens(bundle, torch.from_numpy(c.mel), s, T))
-        gt = {k: np.asarray(v)[idx] for k, v in c.gt.items() if k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion")}
-        cd, m = controls_from_gt(gt, drop_prob, rng)
+        gt = {k: np.asarray(v)[idx] for k, v in (c.gt or {}).items() if k in CONTROLS}
+        if gt:
+            cd, m = controls_from_gt(gt, drop_prob, rng)
+        else:   # the user's own videos have no ground truth: every control free
+            cd, m = (np.repeat(a[None], T, axis=0) for a in encode_controls({}))
         cond.append(torch.from_numpy(cd))
         mask.append(torch.from_numpy(m))
     return tuple(torch.stack(x) for x in (toks, prev, port, aud, cond, mask))
 
 
-def gpt_loss(bundle: ModelBundle, b) -> torch.Tensor:
+def gpt_loss(bundle: ModelBundle, b, corrupt: float = 0.0, gen: torch.Generator | None = None,
+             bf16: bool = False) -> torch.Tensor:
+    """Token cross-entropy of teacher forcing. ``corrupt``: the fraction of *input* tokens (the
+    previous frames the model reads) replaced by random codes; the targets stay clean. When
+    streaming, the model reads its own, imperfect, frames: training on slightly wrong inputs
+    keeps one bad token from compounding frame after frame. ``bf16``: autocast the training
+    forward to bfloat16 (validation, under no_grad, stays float32)."""
     toks, prev, port, aud, cond, mask = b
-    logits = bundle.gpt.forward_train(toks, port, aud, cond, mask, prev_first=prev)
-    return F.cross_entropy(logits.flatten(0, 2), toks.flatten())
+    inp, prev_in = toks, prev
+    if corrupt > 0:
+        V = bundle.cfg.codebook_size
+        noisy = lambda t: torch.where(torch.rand(t.shape, generator=gen) < corrupt,  # noqa: E731
+                                      torch.randint(0, V, t.shape, generator=gen), t)
+        inp, prev_in = noisy(toks), noisy(prev)
+    # bf16 matmuls (AVX-512 BF16 here: ~1.5x a step); softmax and the loss stay in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and torch.is_grad_enabled()):
+        logits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in)
+    return F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten())
 
 
 def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
               minutes: float = 50.0, max_steps: int = 100000, batch: int = 4, T: int | None = None,
               lr: float = 1e-3, drop_prob: float = 0.5, seed: int = 0, progress: bool = True,
-              resume: bool = True) -> dict:
+              resume: bool = True, corrupt: float = 0.1, bf16: bool = True) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +150,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         step, spent = int(st["step"]), float(st["spent"])
         hist = json.loads(st["hist"])
     rng = np.random.default_rng([seed, step])
+    gen = torch.Generator().manual_seed(seed * 1000003 + step)
     budget = minutes * 60
     warm = 200
     vrng = np.random.default_rng(12345)
@@ -143,7 +163,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
-        loss = gpt_loss(bundle, make_batch(bundle, train, batch, T, drop_prob, rng))
+        loss = gpt_loss(bundle, make_batch(bundle, train, batch, T, drop_prob, rng), corrupt, gen, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
