@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--onnx", type=Path, default=None, help="reuse an export of the same random-init model")
+    ap.add_argument("--onnx", type=Path, default=None, help="reuse an ONNX export of the same model (and weights)")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--reps", type=int, default=2, help="alternating engine runs per backend")
     a = ap.parse_args(argv)
@@ -148,7 +148,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
 
     from eartalk.runtime.model_loader import load_model
-    bundle = load_model(a.model, random_init=True, seed=0)
+    from eartalk.runtime.model_loader import is_trained
+    random_init = not is_trained(a.model)   # speed does not depend on the weights; parity does
+    bundle = load_model(a.model, random_init=random_init, seed=0)
     cfg, R = bundle.cfg, bundle.audio.receptive_field
     onnx_dir = a.onnx
     tmp = None
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
         run_stream(g, cfg, R, 5, pcm=pcm, portrait=portrait)
     h_ort_ms, ort_per, o = _ms_per_frame(og, cfg, R, frames, pcm, portrait)
     h_torch_ms, torch_per, t = _ms_per_frame(tg, cfg, R, frames, pcm, portrait)
-    res = {"model": a.model, "random_init": True, "frames": frames, "threads": a.threads,
+    res = {"model": a.model, "random_init": random_init, "frames": frames, "threads": a.threads,
            "ort_vs_torch": round(torch_ms / ort_ms, 3), "ort_fps": round(1e3 / ort_ms, 2),
            "torch_fps": round(1e3 / torch_ms, 2), "ort_ms_per_frame": round(ort_ms, 3),
            "torch_ms_per_frame": round(torch_ms, 3),

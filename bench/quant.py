@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--frames", type=int, default=None)
     args = p.parse_args(argv)
-    args.random_init = args.model in ("tiny", "small", "test")
+    from eartalk.runtime.model_loader import is_trained
+    args.random_init = not is_trained(args.model)    # an untrained preset: random weights, said so
     log = lambda m: print(m, flush=True)   # noqa: E731
     from eartalk.evaluate import psnr
     from eartalk.export.compare import BackendGraphs, demo_portrait, run_stream, speech_pcm

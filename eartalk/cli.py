@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "demo": "demo",
     "synth": "synth",
+    "import": "import_videos",
     "train": "train",
     "generate": "generate",
     "stream": "stream",

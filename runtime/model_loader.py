@@ -13,7 +13,7 @@ from eartalk.model import bundle as _bundle
 from eartalk.model.bundle import ModelNotTrainedError
 from eartalk.model.config import PRESETS, preset
 
-__all__ = ["ModelNotTrainedError", "load_model"]
+__all__ = ["ModelNotTrainedError", "is_trained", "load_model"]
 
 
 def load_model(model: str | Path = "tiny", random_init: bool = False, seed: int = 0):
@@ -32,3 +32,13 @@ def load_model(model: str | Path = "tiny", random_init: bool = False, seed: int 
     if not (isinstance(model, str) and model in PRESETS) and not Path(model).is_dir():
         raise FileNotFoundError(f"model {str(model)!r} is neither a preset {sorted(PRESETS)} nor a directory")
     return _bundle.load_bundle(model)
+
+
+def is_trained(model: str | Path) -> bool:
+    """Whether ``model`` (preset name or bundle directory) has weights to load; benchmarks fall
+    back to a random-init preset of the same shape when it has not, and say so."""
+    try:
+        _bundle.read_card(model)
+        return True
+    except (ModelNotTrainedError, FileNotFoundError):
+        return False

@@ -176,7 +176,7 @@ def test_open_session_facade_and_untrained_default_model():
         s.flush()
         assert [f.index for f in s.frames()] == [0, 1, 2]
     with pytest.raises(ModelNotTrainedError, match="has not been trained yet.*random_init=True"):
-        open_session(model="tiny", portrait=PORTRAIT)
+        open_session(model="small", portrait=PORTRAIT)     # a preset not shipped trained
     with pytest.raises(ValueError, match="portrait="):
         open_session(model="test", random_init=True)
     with pytest.raises(ValueError, match="unknown backend"):

@@ -101,3 +101,27 @@ def test_import_refuses_clashing_names(tmp_path):
     write_mp4(folder / "a_b.mp4", _frames(2, 32), _audio(2))
     with pytest.raises(ValueError, match=r"same clip ids \['user_a_b'\]"):
         import_user_videos(folder, tmp_path / "corpus", size=32)
+
+
+def test_import_command_and_training_on_user_clips(tmp_path, capsys):
+    """`eartalk import` writes the corpus; the transformer's batches of clips without ground
+    truth have every control free."""
+    from eartalk.cli import main
+    from eartalk.model.bundle import new_bundle
+    from eartalk.model.config import preset
+    from eartalk.model.train_gpt import make_batch, tokenize_corpus
+    folder, corpus = tmp_path / "mine", tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        write_mp4(folder / f"t{i}.mp4", _frames(20, 32), _audio(20))
+    assert main(["import", "--videos", str(folder), "--out", str(corpus), "--size", "32"]) == 0
+    n_train, n_val = len(list_clips(corpus, "train")), len(list_clips(corpus, "val"))
+    assert n_train + n_val == 3 and n_train >= 1
+    assert f"{n_train} train clips, {n_val} val clips" in capsys.readouterr().out
+    assert main(["import", "--videos", str(tmp_path / "nope"), "--out", str(corpus)]) == 2
+    assert "not a folder of videos" in capsys.readouterr().err
+    bundle = new_bundle(preset("test"))
+    clips = tokenize_corpus(bundle, corpus, "train", progress=False)
+    assert clips and all(c.gt is None for c in clips)
+    b = make_batch(bundle, clips, 2, 4, 0.5, np.random.default_rng(0))
+    assert b[0].shape == (2, 4, bundle.cfg.tokens_per_frame) and not b[-1].any()   # all free
