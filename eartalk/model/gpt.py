@@ -200,8 +200,11 @@ class EARTalkGPT(nn.Module):
         c = c + self.cond_kind
         return torch.cat([c, audio_emb, self.tok_emb(prev_tokens)], dim=1) + self.slot_emb[:P]
 
-    def _queries(self, B) -> Tensor:
-        return (self.query_emb + self.slot_emb[self.cfg.page_tokens:]).expand(B, -1, -1)
+    def _queries(self, prev_tokens: Tensor) -> Tensor:
+        """[B,N,d] query slots: slot i starts as the embedding of token i of the previous frame, so
+        "this cell does not change" is the residual path and the layers learn only what changes
+        (with learned, position-free query slots, copying alone took >600 steps to learn)."""
+        return self.tok_emb(prev_tokens) + self.query_emb + self.slot_emb[self.cfg.page_tokens:]
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.head(self.ln_f(x))
@@ -233,7 +236,7 @@ class EARTalkGPT(nn.Module):
         self._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
         B, P, W = prev_tokens.shape[0], self.cfg.page_tokens, self.cfg.window
         x = torch.cat([self._context(prev_tokens, self.audio_proj(audio), cond, cond_mask),
-                       self._queries(B)], dim=1)
+                       self._queries(prev_tokens)], dim=1)
         past = lag_bias(self.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)  # [L,B,H,1,S]
         cur = lag_bias(self.lag_bias, self.frame_lag, W).permute(2, 3, 0, 1)          # [L,H,P+N,P+N]
         ks, vs = [], []
@@ -324,7 +327,7 @@ class EARTalkGPT(nn.Module):
         flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
         ctx = self._context(flat(prev), self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
         sink = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
-        return B, T, sink, ctx, self._queries(B * T)
+        return B, T, sink, ctx, self._queries(flat(prev))
 
     # ---- input checks (shapes only: static, so they vanish from an exported graph)
     def _check_tokens(self, t: Tensor, name: str):

@@ -24,7 +24,7 @@ from eartalk.model.train_gpt import clip_portrait, fit_size, tokenize_corpus, tr
 RECIPES = {
     # minutes per stage on the 2-core reference machine; total <= 90
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 gpt_minutes=50, gpt_batch=4, max_clips=None),
+                 gpt_minutes=38, gpt_batch=4, max_clips=None),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4,
                   gpt_minutes=0.3, gpt_batch=2, max_clips=4),
