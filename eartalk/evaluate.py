@@ -290,6 +290,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     info = getattr(getattr(backend, "bundle", None), "meta", {}) or {}
     report = {
         "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
+        "backend": type(backend).__name__, "precision": getattr(backend, "precision", "fp32"),
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling, "per_clip": per_clip,
         "drift": {**drift, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,

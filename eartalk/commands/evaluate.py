@@ -20,6 +20,9 @@ The same metrics of the probe on the ground-truth renders are the ceiling, print
 model's and stored under "ceiling" in the report. Drift costs frames-drift / fps seconds (10,000
 frames at ~20 fps: ~8 minutes on tiny).
 
+--backend onnxruntime --onnx-dir DIR [--precision int8] evaluates the exported (or quantized)
+graphs instead of torch: the same metrics, about twice the speed on a CPU.
+
 example: eartalk eval --model runs/tiny --data data/corpus --out eval/report.json --max-clips 20"""
 
 
@@ -27,7 +30,7 @@ from eartalk.commands.model_options import add_model_options, apply_threads
 
 
 def add_arguments(p):
-    add_model_options(p, backends=False)
+    add_model_options(p)
     p.add_argument("--data", required=True, type=Path, help="corpus directory made by `eartalk synth`")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--out", required=True, type=Path, help="report .json (the drift plot goes beside it)")
@@ -39,9 +42,18 @@ def add_arguments(p):
 def run(args) -> int:
     apply_threads(args)
     from eartalk.evaluate import evaluate, format_table
-    rep = evaluate(args.model, args.data, args.out, split=args.split, frames_drift=args.frames_drift,
-                   max_clips=args.max_clips, random_init=args.random_init, seed=args.seed,
-                   progress=not args.quiet)
+    from eartalk.generate import open_backend
+    backend = None
+    if args.backend != "torch" or args.precision != "fp32":   # e.g. the int8 graphs on ONNX Runtime
+        backend = open_backend(args.model, args.backend, random_init=args.random_init, seed=args.seed,
+                               onnx_dir=args.onnx_dir, precision=args.precision)
+    try:
+        rep = evaluate(args.model, args.data, args.out, split=args.split, frames_drift=args.frames_drift,
+                       max_clips=args.max_clips, random_init=args.random_init, seed=args.seed,
+                       progress=not args.quiet, backend=backend)
+    finally:
+        if backend is not None:
+            backend.close()
     print(format_table(rep))
     print(f"wrote {args.out} and {rep['drift']['plot']} in {rep['seconds']:.0f} s")
     return 0
