@@ -58,10 +58,10 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
     """``gpt.step`` (same contract, same maths) whose per-session results do not depend on B."""
     gpt._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
     c = gpt.cfg
-    B, P, W, N = prev_tokens.shape[0], c.page_tokens, c.window, c.tokens_per_frame
+    P, W, N = c.page_tokens, c.window, c.tokens_per_frame
     cnd = torch.where(cond_mask.unsqueeze(-1), _linear(gpt.cond_proj, cond), gpt.cond_free) + gpt.cond_kind
     ctx = torch.cat([cnd, _linear(gpt.audio_proj, audio), gpt.tok_emb(prev_tokens)], dim=1) + gpt.slot_emb[:P]
-    x = torch.cat([ctx, gpt._queries(B)], dim=1)
+    x = torch.cat([ctx, gpt._queries(prev_tokens)], dim=1)
     past = lag_bias(gpt.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)
     cur = lag_bias(gpt.lag_bias, gpt.frame_lag, W).permute(2, 3, 0, 1)
     ks, vs = [], []

@@ -31,8 +31,13 @@ def qdir(tmp_path_factory):
     assert main(["calibrate", "record", "--model", "test", "--random-init", "--data", str(root / "corpus"),
                  "--split", "train", "--out", str(root / "calib"), "--samples", "12", "--max-clips", "2",
                  "--max-frames", "30"]) == 0
-    assert main(["calibrate", "quantize", "--onnx", str(root / "onnx"), "--calib", str(root / "calib"),
-                 "--precision", "int8", "--out", str(root / "q")]) == 0
+    rc = main(["calibrate", "quantize", "--onnx", str(root / "onnx"), "--calib", str(root / "calib"),
+               "--precision", "int8", "--out", str(root / "q")])
+    # a random-init model's near-tied logits may fail the token gate: the folder is written either
+    # way, and the exit code says what the manifest says
+    manifest = json.loads((root / "q/manifest.json").read_text())
+    gates = [e["gate_passed"] for e in manifest["quantized"]["int8"].values()]
+    assert rc == (0 if all(gates) else 1)
     return root
 
 

@@ -234,7 +234,7 @@ class EARTalkGPT(nn.Module):
         past_k/past_v [L,B,H,S,D], past_lag int32 [B,S] -> logits [B,N,V], new_k/new_v [L,B,H,P,D].
         """
         self._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
-        B, P, W = prev_tokens.shape[0], self.cfg.page_tokens, self.cfg.window
+        P, W = self.cfg.page_tokens, self.cfg.window
         x = torch.cat([self._context(prev_tokens, self.audio_proj(audio), cond, cond_mask),
                        self._queries(prev_tokens)], dim=1)
         past = lag_bias(self.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)  # [L,B,H,1,S]
