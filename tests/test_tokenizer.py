@@ -123,6 +123,10 @@ def test_training_learns_what_changes(cfg, tmp_path):
     copy_err = float((x - p).abs().mean(1)[changed].mean())
     assert ch_after < 0.25 * ch_before and ch_after < 0.25 * copy_err, (ch_before, ch_after)
     assert all_after < all_before
+    with torch.no_grad():   # the sink frame: the portrait against itself is trained too
+        me = m["model"]
+        self_err = float((me.decode(me.encode(p), me.reference(p)) - p).abs().mean())
+    assert self_err < all_after, (self_err, all_after)
     assert distinct >= 8, distinct                             # 96 frames, all different
     assert m["codebook"]["used"] >= 8 and m["codebook"]["perplexity"] > 4
     assert m["val_psnr"] == reconstruction_psnr(m["model"], x, p)      # val=(frames, portraits)

@@ -401,14 +401,16 @@ def reconstruction_psnr(tok: VQTokenizer, frames, portraits, portrait_index=None
 def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3, batch: int = 16,
                     out_dir: str | None = None, progress: bool = True, portrait_index=None,
                     tokenizer: VQTokenizer | None = None, seed: int = 0, change_weight: float = 1.0,
-                    max_minutes: float | None = None, val=None, val_every: int = 250) -> dict:
+                    max_minutes: float | None = None, val=None, val_every: int = 250,
+                    self_every: int = 8) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
     frame ``i`` is reconstructed against ``portraits[portrait_index[i]]`` (default: ``i`` when
     ``P == M``, else 0 when ``P == 1``). ``val``: optional ``(frames, portraits, portrait_index)``
     of held-out frames, whose PSNR is measured every ``val_every`` steps and at the end (the
-    per-batch PSNR of training is too noisy to judge by). Progress runs on steps or on the
+    per-batch PSNR of training is too noisy to judge by). ``self_every``: one sample in that many
+    is a portrait reconstructed against itself (0: none). Progress runs on steps or on the
     ``max_minutes`` wall clock, whichever ends first, so the cosine schedule completes either way.
     Writes ``out_dir/tokenizer.safetensors`` and ``tokenizer_curves.png`` when ``out_dir`` is
     given. Returns metrics of the last 10% of steps, codebook usage and the validation curve; the
@@ -434,7 +436,13 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
         i = torch.randint(0, M, (batch,), generator=gen)
-        d = tok.loss(frames[i], portraits[portrait_index[i]], change_weight=change_weight)
+        x, p = frames[i], portraits[portrait_index[i]]
+        # one sample in ``self_every`` is the portrait against itself: the sink frame's own code
+        # (the stream's first frame) is never a corpus frame, and untrained it decoded blurred
+        n_self = batch // self_every if self_every else 0
+        if n_self:
+            x = torch.cat([p[:n_self], x[n_self:]])
+        d = tok.loss(x, p, change_weight=change_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
