@@ -123,10 +123,6 @@ def test_training_learns_what_changes(cfg, tmp_path):
     copy_err = float((x - p).abs().mean(1)[changed].mean())
     assert ch_after < 0.25 * ch_before and ch_after < 0.25 * copy_err, (ch_before, ch_after)
     assert all_after < all_before
-    with torch.no_grad():   # the sink frame: the portrait against itself is trained too
-        me = m["model"]
-        self_err = float((me.decode(me.encode(p), me.reference(p)) - p).abs().mean())
-    assert self_err < all_after, (self_err, all_after)
     assert distinct >= 8, distinct                             # 96 frames, all different
     assert m["codebook"]["used"] >= 8 and m["codebook"]["perplexity"] > 4
     assert m["val_psnr"] == reconstruction_psnr(m["model"], x, p)      # val=(frames, portraits)
@@ -134,6 +130,21 @@ def test_training_learns_what_changes(cfg, tmp_path):
     assert (tmp_path / "tokenizer_curves.png").stat().st_size > 0
     re = VQTokenizer.load(str(tmp_path / "tokenizer.safetensors"))
     assert errors(re) == (ch_after, all_after, distinct)
+
+
+def test_self_pairs_train_the_sink_code(cfg):
+    """The sink frame is the portrait encoded against itself, never a corpus frame: training one
+    sample in eight on it (self_every=8) decodes it closer than training without (self_every=0)."""
+    frames, portraits, index = synthetic_clips()
+    p = torch.from_numpy(portraits[index]).float() / 255
+    errs = {}
+    for every in (8, 0):
+        torch.manual_seed(0)
+        m = train_tokenizer(frames, portraits, cfg, steps=400, lr=3e-3, batch=16, progress=False,
+                            portrait_index=index, tokenizer=VQTokenizer(cfg).eval(), self_every=every)["model"]
+        with torch.no_grad():
+            errs[every] = float((m.decode(m.encode(p), m.reference(p)) - p).abs().mean())
+    assert errs[8] < 0.85 * errs[0], errs
 
 
 def _export(module, args, path, names_in, names_out):

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from eartalk.data.corpus import list_clips, load_clip
@@ -62,7 +61,6 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     # held-out PSNR on the validation split (a small corpus may have none: then no validation)
     val = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
-    torch.manual_seed(seed)
     m = train_tokenizer(frames, portraits, cfg, steps=r["tok_steps"], batch=r["tok_batch"], lr=r["tok_lr"],
                         out_dir=str(work), progress=progress, portrait_index=index, seed=seed,
                         max_minutes=r["tok_minutes"], val=val, val_every=500)
@@ -83,7 +81,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     tok_path = work / "tokenizer.safetensors"
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path} is missing: train the tokenizer first "
-                                f"(`eartalk train tokenizer --data {corpus} --out {out}`)")
+                                f"(`eartalk train tokenizer --recipe {name} --data {corpus} --out {out}`)")
     t0 = time.time()
     bundle = new_bundle(cfg, seed)
     bundle.tokenizer = VQTokenizer.load(str(tok_path), cfg)
