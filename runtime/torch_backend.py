@@ -60,7 +60,7 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
     c = gpt.cfg
     P, W, N = c.page_tokens, c.window, c.tokens_per_frame
     cnd = torch.where(cond_mask.unsqueeze(-1), _linear(gpt.cond_proj, cond), gpt.cond_free) + gpt.cond_kind
-    ctx = torch.cat([cnd, _linear(gpt.audio_proj, audio), gpt.tok_emb(prev_tokens)], dim=1) + gpt.slot_emb[:P]
+    ctx = torch.cat([cnd, _linear(gpt.audio_proj, audio), gpt.embed_tokens(prev_tokens)], dim=1) + gpt.slot_emb[:P]
     x = torch.cat([ctx, gpt._queries(prev_tokens)], dim=1)
     past = lag_bias(gpt.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)
     cur = lag_bias(gpt.lag_bias, gpt.frame_lag, W).permute(2, 3, 0, 1)
@@ -70,7 +70,7 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
         x, k, v = _block(blk, x, cur[l].unsqueeze(0), past_k[l], past_v[l], past[l], keep)
         ks.append(k[:, :, :P])
         vs.append(v[:, :, :P])
-    return _linear(gpt.head, gpt.ln_f(x[:, -N:])), torch.stack(ks), torch.stack(vs)
+    return gpt.code_logits(_linear(gpt.head, gpt.ln_f(x[:, -N:]))), torch.stack(ks), torch.stack(vs)
 
 
 def _device(device: str | None) -> torch.device:

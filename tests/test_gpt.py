@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from eartalk.model.conditions import encode_controls
 from eartalk.model.config import ModelConfig, preset
@@ -281,3 +282,24 @@ def test_onnx_export_matches_torch(tmp_path):
         got = sess.run(None, {n: a.numpy() for n, a in zip(StepModule.input_names, feed_args)})
         for w, g_ in zip(want, got):
             np.testing.assert_allclose(g_, w.numpy(), atol=1e-4, rtol=0)
+
+
+def test_code_logits_are_the_sum_of_the_codes_fsq_digit_logits():
+    """V logits built from per-digit logits: softmax over V factorises, so CE over V is the sum of
+    the per-digit CEs, and the argmax code is the code of the per-digit argmaxes."""
+    from eartalk.model.tokenizer import fsq_levels
+    cfg = preset("tiny")
+    model = EARTalkGPT(cfg)
+    levels = fsq_levels(cfg.codebook_size)
+    assert levels == (8, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    dl = torch.randn(5, sum(levels), generator=g)
+    logits = model.code_logits(dl)
+    assert logits.shape == (5, cfg.codebook_size)
+    parts = dl.split(levels, dim=-1)
+    code = torch.randint(0, cfg.codebook_size, (5,), generator=g)
+    digits = [(code // 1) % 8, (code // 8) % 8, (code // 64) % 8]   # the tokenizer's code = d0 + 8 d1 + 64 d2
+    want = sum(F.cross_entropy(p, d, reduction="none") for p, d in zip(parts, digits))
+    torch.testing.assert_close(F.cross_entropy(logits, code, reduction="none"), want, atol=1e-5, rtol=1e-5)
+    best = parts[0].argmax(-1) + 8 * parts[1].argmax(-1) + 64 * parts[2].argmax(-1)
+    assert torch.equal(logits.argmax(-1), best)

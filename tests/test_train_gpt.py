@@ -36,6 +36,30 @@ def test_loss_is_cross_entropy_of_teacher_forcing_and_corruption_touches_inputs_
         assert torch.equal(noisy, gpt_loss(bundle, b, corrupt=1.0, gen=torch.Generator().manual_seed(1)))
 
 
+def test_change_weight_weights_the_tokens_that_differ_from_the_previous_frame():
+    from eartalk.model.train_gpt import gpt_loss
+    bundle = new_bundle(preset("test"))
+    toks, prev, port, aud, cond, mask = _batch(bundle.cfg, T=5)
+    keep = torch.rand(toks.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    for t in range(toks.shape[1]):      # about half the tokens repeat their previous frame's
+        toks[:, t] = torch.where(keep[:, t], prev if t == 0 else toks[:, t - 1], toks[:, t])
+    b = toks, prev, port, aud, cond, mask
+    with torch.no_grad():
+        ce = F.cross_entropy(bundle.gpt.forward_train(toks, port, aud, cond, mask, prev_first=prev).flatten(0, 2),
+                             toks.flatten(), reduction="none").view(toks.shape)
+        # by hand: frame 0's previous frame is ``prev``, frame t's is frame t-1
+        changed = np.zeros(toks.shape, dtype=bool)
+        for i in range(toks.shape[0]):
+            for t in range(toks.shape[1]):
+                before = prev[i] if t == 0 else toks[i, t - 1]
+                changed[i, t] = (toks[i, t] != before).numpy()
+        assert 0 < changed.mean() < 1
+        w = np.where(changed, 4.0, 1.0)
+        want = float((ce.numpy() * w).sum() / w.sum())
+        assert float(gpt_loss(bundle, b, change_weight=4.0)) == pytest.approx(want, rel=1e-6)
+        assert float(gpt_loss(bundle, b, change_weight=1.0)) == pytest.approx(float(ce.mean()), rel=1e-6)
+
+
 def test_bf16_training_forward_is_close_to_float32():
     from eartalk.model.train_gpt import gpt_loss
     bundle = new_bundle(preset("test"))
@@ -74,3 +98,53 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     # a second run resumes from the checkpoint: its step count continues
     again = gpt_stage("smoke", corpus, out, progress=False)
     assert again["steps"] >= rep["steps"] and again["minutes"] >= rep["minutes"]
+
+
+def _clips(cfg, n=3, seed=0):
+    from eartalk.model.train_gpt import ClipTokens
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        T = 20 + 7 * i
+        gt = {"yaw": rng.uniform(-30, 30, T).astype(np.float32), "blink": rng.uniform(0, 1, T).astype(np.float32),
+              "emotion": rng.integers(0, 5, T)}
+        out.append(ClipTokens(f"c{i}", rng.integers(0, cfg.codebook_size, (T, cfg.tokens_per_frame)).astype(np.int16),
+                              rng.integers(0, cfg.codebook_size, cfg.tokens_per_frame).astype(np.int16),
+                              rng.standard_normal((4 * T + 3, cfg.n_mels)).astype(np.float32), gt if i != 1 else {}))
+    return out
+
+
+def test_token_cache_round_trips_and_refuses_another_tokenizer_or_other_clips(tmp_path):
+    from eartalk.model.train_gpt import load_tokens, save_tokens
+    cfg = preset("test")
+    data = _clips(cfg)
+    path = tmp_path / "tokens_train.npz"
+    save_tokens(path, data, "abc")
+    back = load_tokens(path, "abc", ["c0", "c1", "c2"])
+    assert [c.clip_id for c in back] == ["c0", "c1", "c2"]
+    for a, b in zip(data, back):
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.portrait, b.portrait)
+        assert np.array_equal(a.mel, b.mel)
+        assert sorted(a.gt) == sorted(b.gt)
+        for k in a.gt:
+            assert np.array_equal(np.asarray(a.gt[k]), b.gt[k]) and b.gt[k].dtype == np.asarray(a.gt[k]).dtype
+    assert load_tokens(path, "other tokenizer", ["c0", "c1", "c2"]) is None
+    assert load_tokens(path, "abc", ["c0", "c1"]) is None
+    assert load_tokens(tmp_path / "absent.npz", "abc", []) is None
+
+
+def test_windows_at_a_clips_start_read_the_portrait_as_their_previous_frame():
+    from eartalk.model.train_gpt import make_batch
+    bundle = new_bundle(preset("test"))
+    data = _clips(bundle.cfg)
+    toks, prev, port, *_ = make_batch(bundle, data, 6, 5, 0.0, np.random.default_rng(0), start_prob=1.0)
+    for i in range(6):
+        clip = next(c for c in data if np.array_equal(c.portrait, port[i].numpy()))
+        assert np.array_equal(prev[i].numpy(), clip.portrait)
+        assert np.array_equal(toks[i].numpy(), clip.tokens[:5])
+    # uniform cuts read the frame before the window
+    toks, prev, port, *_ = make_batch(bundle, data, 6, 5, 0.0, np.random.default_rng(1), start_prob=0.0)
+    for i in range(6):
+        clip = next(c for c in data if np.array_equal(c.portrait, port[i].numpy()))
+        s = next(s for s in range(len(clip.tokens) - 4) if np.array_equal(clip.tokens[s:s + 5], toks[i].numpy()))
+        assert np.array_equal(prev[i].numpy(), clip.tokens[s - 1] if s else clip.portrait)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eartalk.model.config import ModelConfig
+from eartalk.model.tokenizer import fsq_levels
 
 SINK, EMPTY = -1, -2
 
@@ -151,13 +152,24 @@ class EARTalkGPT(nn.Module):
         self.audio_proj = nn.Linear(cfg.audio_dim, d)
         # The sink page has no audio at all, which is not the same thing as silence.
         self.audio_null = nn.Parameter(torch.zeros(A, d))
+        # Codes are FSQ digit tuples (8x8x8 for V=512): neighbouring digits are neighbouring images.
+        # Tokens are embedded per code plus per digit, and predicted per digit (V logits = the sum
+        # of the code's digit logits, so CE over V is the sum of per-digit CEs): "this digit moves
+        # up one level" is learnt once for all codes instead of once per code pair.
+        levels = fsq_levels(cfg.codebook_size)
+        code = torch.arange(cfg.codebook_size)
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        offset = [sum(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("code_digits", torch.stack(
+            [(code // b) % n + o for b, n, o in zip(basis, levels, offset)]), persistent=False)  # [digits, V]
         self.tok_emb = nn.Embedding(cfg.codebook_size, d)
+        self.digit_emb = nn.Embedding(sum(levels), d)
         self.query_emb = nn.Parameter(torch.zeros(N, d))
         self.slot_emb = nn.Parameter(torch.zeros(P + N, d))       # spatial position in the frame layout
         self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg.codebook_size, bias=False)
+        self.head = nn.Linear(d, sum(levels), bias=False)    # per-digit logits
         # Within one step: context rows see the context; query rows see context and queries.
         frame_lag = torch.zeros(P + N, P + N, dtype=torch.int32)
         frame_lag[:P, P:] = EMPTY
@@ -171,6 +183,8 @@ class EARTalkGPT(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        with torch.no_grad():   # a code's embedding starts as the sum of its digits' (ordinal structure)
+            self.tok_emb.weight.zero_()
         for p in (self.cond_kind, self.cond_free, self.audio_null, self.query_emb, self.slot_emb):
             nn.init.normal_(p, 0.0, std)
         # GPT-2: residual branches scaled so the residual stream's variance does not grow with depth.
@@ -198,16 +212,29 @@ class EARTalkGPT(nn.Module):
         else:
             c = torch.where(cond_mask.unsqueeze(-1), self.cond_proj(cond), self.cond_free)
         c = c + self.cond_kind
-        return torch.cat([c, audio_emb, self.tok_emb(prev_tokens)], dim=1) + self.slot_emb[:P]
+        return torch.cat([c, audio_emb, self.embed_tokens(prev_tokens)], dim=1) + self.slot_emb[:P]
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """[..., d] embeddings of codes: the code's own vector plus its FSQ digits' vectors."""
+        table = self.tok_emb.weight + sum(self.digit_emb(d) for d in self.code_digits)   # [V, d]
+        return F.embedding(tokens, table)
+
+    def code_logits(self, digit_logits: Tensor) -> Tensor:
+        """[..., sum(levels)] per-digit logits -> [..., V]: each code's digits' logits added in a
+        fixed order (exact, batch-invariant, plain Gather/Add in ONNX)."""
+        out = digit_logits[..., self.code_digits[0]]
+        for d in self.code_digits[1:]:
+            out = out + digit_logits[..., d]
+        return out
 
     def _queries(self, prev_tokens: Tensor) -> Tensor:
         """[B,N,d] query slots: slot i starts as the embedding of token i of the previous frame, so
         "this cell does not change" is the residual path and the layers learn only what changes
         (with learned, position-free query slots, copying alone took >600 steps to learn)."""
-        return self.tok_emb(prev_tokens) + self.query_emb + self.slot_emb[self.cfg.page_tokens:]
+        return self.embed_tokens(prev_tokens) + self.query_emb + self.slot_emb[self.cfg.page_tokens:]
 
     def _logits(self, x: Tensor) -> Tensor:
-        return self.head(self.ln_f(x))
+        return self.code_logits(self.head(self.ln_f(x)))
 
     # ---- streaming
     def prefill(self, portrait_tokens: Tensor) -> tuple[Tensor, Tensor]:

@@ -74,6 +74,41 @@ def tokenize_corpus(bundle: ModelBundle, corpus: Path, split: str, max_clips: in
     return out
 
 
+def save_tokens(path: Path, data: list[ClipTokens], tokenizer_sha256: str) -> None:
+    """Cache a tokenized split (tokenizing the corpus costs minutes; a resumed or repeated GPT
+    stage reuses it). Plain arrays, no pickle; stamped with the tokenizer's weights hash."""
+    lens = np.array([len(c.tokens) for c in data])
+    mlens = np.array([len(c.mel) for c in data])
+    names = sorted({k for c in data for k in (c.gt or {}) if k in CONTROLS})
+    gt = {f"gt_{k}": np.concatenate([np.asarray(c.gt[k], dtype=np.float32) if c.gt and k in c.gt
+                                     else np.full(len(c.tokens), np.nan, np.float32) for c in data])
+          for k in names}
+    np.savez(path, tokenizer_sha256=np.array(tokenizer_sha256), clip_ids=np.array([c.clip_id for c in data]),
+             lengths=lens, mel_lengths=mlens, has_gt=np.array([bool(c.gt) for c in data]),
+             tokens=np.concatenate([c.tokens for c in data]), portraits=np.stack([c.portrait for c in data]),
+             mel=np.concatenate([c.mel for c in data]), **gt)
+
+
+def load_tokens(path: Path, tokenizer_sha256: str, clip_ids: list[str]) -> list[ClipTokens] | None:
+    """The cached split, or None when absent, made by another tokenizer or of other clips."""
+    if not Path(path).exists():
+        return None
+    z = np.load(path, allow_pickle=False)
+    if str(z["tokenizer_sha256"]) != tokenizer_sha256 or list(z["clip_ids"]) != list(clip_ids):
+        return None
+    cut = np.cumsum(z["lengths"])[:-1]
+    toks, mels = np.split(z["tokens"], cut), np.split(z["mel"], np.cumsum(z["mel_lengths"])[:-1])
+    gts = {k[3:]: np.split(z[k], cut) for k in z.files if k.startswith("gt_")}
+    out = []
+    for i, cid in enumerate(z["clip_ids"]):
+        gt = {}
+        if z["has_gt"][i]:
+            gt = {k: (np.where(np.isnan(v[i]), -1, v[i]).astype(np.int64) if k == "emotion" else v[i])
+                  for k, v in gts.items()}
+        out.append(ClipTokens(str(cid), toks[i], z["portraits"][i], mels[i], gt))
+    return out
+
+
 def _audio_tokens(bundle: ModelBundle, mel: torch.Tensor, start: int, T: int) -> torch.Tensor:
     """Audio tokens [T, A, F] for frames start..start+T-1, with the encoder's left context."""
     cfg, enc = bundle.cfg, bundle.audio
@@ -88,12 +123,16 @@ def _audio_tokens(bundle: ModelBundle, mel: torch.Tensor, start: int, T: int) ->
 
 
 def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, drop_prob: float,
-               rng: np.random.Generator):
+               rng: np.random.Generator, start_prob: float = 0.0):
+    """``batch`` windows of ``T`` frames; with probability ``start_prob`` a window starts at its
+    clip's first frame, reading the portrait's tokens as its previous frame, as every stream does
+    (a uniform cut starts there once in ~200 windows, and the portrait's codes are unlike any
+    corpus frame's: 90% of a frame's tokens differ from them)."""
     toks, prev, port, aud, cond, mask = [], [], [], [], [], []
     for _ in range(batch):
         c = data[rng.integers(len(data))]
         n = len(c.tokens)
-        s = int(rng.integers(0, max(1, n - T + 1)))
+        s = 0 if rng.random() < start_prob else int(rng.integers(0, max(1, n - T + 1)))
         idx = np.minimum(np.arange(s, s + T), n - 1)
         toks.append(torch.from_numpy(c.tokens[idx].astype(np.int64)))
         prev.append(torch.from_numpy((c.tokens[s - 1] if s > 0 else c.portrait).astype(np.int64)))
@@ -110,12 +149,14 @@ def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, 
 
 
 def gpt_loss(bundle: ModelBundle, b, corrupt: float = 0.0, gen: torch.Generator | None = None,
-             bf16: bool = False) -> torch.Tensor:
+             bf16: bool = False, change_weight: float = 1.0) -> torch.Tensor:
     """Token cross-entropy of teacher forcing. ``corrupt``: the fraction of *input* tokens (the
     previous frames the model reads) replaced by random codes; the targets stay clean. When
     streaming, the model reads its own, imperfect, frames: training on slightly wrong inputs
     keeps one bad token from compounding frame after frame. ``bf16``: autocast the training
-    forward to bfloat16 (validation, under no_grad, stays float32)."""
+    forward to bfloat16 (validation, under no_grad, stays float32). ``change_weight``: weight of
+    the tokens that differ from the previous frame's (most tokens repeat, so plain CE is mostly
+    paid for copying, and a model that only copies never animates)."""
     toks, prev, port, aud, cond, mask = b
     inp, prev_in = toks, prev
     if corrupt > 0:
@@ -126,13 +167,19 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float = 0.0, gen: torch.Generator 
     # bf16 matmuls (AVX-512 BF16 here: ~1.5x a step); softmax and the loss stay in float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and torch.is_grad_enabled()):
         logits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in)
-    return F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten())
+    if change_weight == 1.0:
+        return F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten())
+    ce = F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten(), reduction="none")
+    before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
+    w = torch.where(toks != before, change_weight, 1.0).flatten()
+    return (ce * w).sum() / w.sum()
 
 
 def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
               minutes: float = 50.0, max_steps: int = 100000, batch: int = 4, T: int | None = None,
               lr: float = 1e-3, drop_prob: float = 0.5, seed: int = 0, progress: bool = True,
-              resume: bool = True, corrupt: float = 0.1, bf16: bool = True) -> dict:
+              resume: bool = True, corrupt: float = 0.1, bf16: bool = True, change_weight: float = 1.0,
+              start_prob: float = 0.0) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +210,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
-        loss = gpt_loss(bundle, make_batch(bundle, train, batch, T, drop_prob, rng), corrupt, gen, bf16)
+        loss = gpt_loss(bundle, make_batch(bundle, train, batch, T, drop_prob, rng, start_prob), corrupt, gen, bf16,
+                        change_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
