@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eartalk.model.config import ModelConfig
-from eartalk.model.tokenizer import fsq_levels
+from eartalk.model.tokenizer import fsq_digits, fsq_levels
 
 SINK, EMPTY = -1, -2
 
@@ -157,11 +157,9 @@ class EARTalkGPT(nn.Module):
         # of the code's digit logits, so CE over V is the sum of per-digit CEs): "this digit moves
         # up one level" is learnt once for all codes instead of once per code pair.
         levels = fsq_levels(cfg.codebook_size)
-        code = torch.arange(cfg.codebook_size)
-        basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        offset = [sum(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("code_digits", torch.stack(
-            [(code // b) % n + o for b, n, o in zip(basis, levels, offset)]), persistent=False)  # [digits, V]
+        offset = torch.tensor([sum(levels[:i]) for i in range(len(levels))])
+        self.register_buffer("code_digits", (fsq_digits(torch.arange(cfg.codebook_size), levels) + offset).t(),
+                             persistent=False)   # [digits, V]: row i = digit i's index into digit_emb/head
         self.tok_emb = nn.Embedding(cfg.codebook_size, d)
         self.digit_emb = nn.Embedding(sum(levels), d)
         self.query_emb = nn.Parameter(torch.zeros(N, d))
@@ -203,16 +201,16 @@ class EARTalkGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- embeddings
-    def _context(self, prev_tokens: Tensor, audio_emb: Tensor, cond: Tensor | None,
+    def _context(self, prev_emb: Tensor, audio_emb: Tensor, cond: Tensor | None,
                  cond_mask: Tensor | None) -> Tensor:
-        """[B,P,d] context embeddings; cond None = all kinds free."""
-        B, P = prev_tokens.shape[0], self.cfg.page_tokens
+        """[B,P,d] context embeddings from ``embed_tokens(prev_tokens)``; cond None = all kinds free."""
+        B, P = prev_emb.shape[0], self.cfg.page_tokens
         if cond is None:
             c = self.cond_free.expand(B, -1, -1)
         else:
             c = torch.where(cond_mask.unsqueeze(-1), self.cond_proj(cond), self.cond_free)
         c = c + self.cond_kind
-        return torch.cat([c, audio_emb, self.embed_tokens(prev_tokens)], dim=1) + self.slot_emb[:P]
+        return torch.cat([c, audio_emb, prev_emb], dim=1) + self.slot_emb[:P]
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """[..., d] embeddings of codes: the code's own vector plus its FSQ digits' vectors."""
@@ -227,11 +225,11 @@ class EARTalkGPT(nn.Module):
             out = out + digit_logits[..., d]
         return out
 
-    def _queries(self, prev_tokens: Tensor) -> Tensor:
+    def _queries(self, prev_emb: Tensor) -> Tensor:
         """[B,N,d] query slots: slot i starts as the embedding of token i of the previous frame, so
         "this cell does not change" is the residual path and the layers learn only what changes
         (with learned, position-free query slots, copying alone took >600 steps to learn)."""
-        return self.embed_tokens(prev_tokens) + self.query_emb + self.slot_emb[self.cfg.page_tokens:]
+        return prev_emb + self.query_emb + self.slot_emb[self.cfg.page_tokens:]
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.code_logits(self.head(self.ln_f(x)))
@@ -244,7 +242,7 @@ class EARTalkGPT(nn.Module):
         """
         self._check_tokens(portrait_tokens, "portrait_tokens")
         B, P = portrait_tokens.shape[0], self.cfg.page_tokens
-        x = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
+        x = self._context(self.embed_tokens(portrait_tokens), self.audio_null.expand(B, -1, -1), None, None)
         cur = lag_bias(self.lag_bias, self.frame_lag[:P, :P], self.cfg.window).permute(2, 3, 0, 1)
         ks, vs = [], []
         for l, blk in enumerate(self.blocks):
@@ -262,8 +260,9 @@ class EARTalkGPT(nn.Module):
         """
         self._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
         P, W = self.cfg.page_tokens, self.cfg.window
-        x = torch.cat([self._context(prev_tokens, self.audio_proj(audio), cond, cond_mask),
-                       self._queries(prev_tokens)], dim=1)
+        prev_emb = self.embed_tokens(prev_tokens)      # one table build, shared by context and queries
+        x = torch.cat([self._context(prev_emb, self.audio_proj(audio), cond, cond_mask),
+                       self._queries(prev_emb)], dim=1)
         past = lag_bias(self.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)  # [L,B,H,1,S]
         cur = lag_bias(self.lag_bias, self.frame_lag, W).permute(2, 3, 0, 1)          # [L,H,P+N,P+N]
         ks, vs = [], []
@@ -352,9 +351,10 @@ class EARTalkGPT(nn.Module):
         first = portrait_tokens if prev_first is None else prev_first
         prev = torch.cat([first[:, None], tokens[:, :-1]], dim=1)  # frame t reads frame t-1
         flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731
-        ctx = self._context(flat(prev), self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
-        sink = self._context(portrait_tokens, self.audio_null.expand(B, -1, -1), None, None)
-        return B, T, sink, ctx, self._queries(flat(prev))
+        prev_emb, port_emb = self.embed_tokens(flat(prev)), self.embed_tokens(portrait_tokens)
+        ctx = self._context(prev_emb, self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
+        sink = self._context(port_emb, self.audio_null.expand(B, -1, -1), None, None)
+        return B, T, sink, ctx, self._queries(prev_emb)
 
     # ---- input checks (shapes only: static, so they vanish from an exported graph)
     def _check_tokens(self, t: Tensor, name: str):

@@ -69,6 +69,13 @@ def fsq_levels(codebook_size: int) -> tuple[int, ...]:
     return tuple(1 << (bits // n + (i < bits % n)) for i in range(n))
 
 
+def fsq_digits(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """Code indices ``[...]`` -> FSQ digits ``[..., len(levels)]``: the mixed-radix number, first
+    digit least significant (the tokenizer's code = d0 + L0 d1 + L0 L1 d2 ...)."""
+    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], device=codes.device)
+    return (codes.unsqueeze(-1) // basis) % torch.tensor(levels, device=codes.device)
+
+
 class FSQ(nn.Module):
     """Finite scalar quantisation (Mentzer et al., 2023): each of ``d`` channels is squashed to
     ``[0, L_i - 1]`` and rounded, with a straight-through gradient; the code index is the mixed-radix
@@ -102,7 +109,7 @@ class FSQ(nn.Module):
 
     def lookup(self, idx: torch.Tensor, grid: int) -> torch.Tensor:
         """``[B, N]`` indices -> normalised codes ``[B, d, g, g]``."""
-        digits = (idx.unsqueeze(1) // self._basis.view(1, -1, 1)) % self._levels.view(1, -1, 1)
+        digits = fsq_digits(idx, self.levels).transpose(1, 2)                  # [B, d, N]
         return self._normalise(digits.float().reshape(idx.shape[0], self.dim, grid, grid))
 
     def forward(self, z: torch.Tensor):
