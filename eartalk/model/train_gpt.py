@@ -202,7 +202,9 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
     warm = 200
     vrng = np.random.default_rng(12345)
     vbatches = [make_batch(bundle, val, batch, T, 0.5, vrng) for _ in range(4)] if val else []
-    bar = tqdm(total=max_steps, initial=step, desc="gpt", disable=not progress)
+    # the stage ends on its time budget (steps rarely bind), so the bar counts budget seconds
+    bar = tqdm(total=int(budget), initial=int(spent), desc="gpt", unit="s", disable=not progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
     t0 = time.time() - spent
     bundle.gpt.train()
     bundle.audio.train()
@@ -219,8 +221,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         step += 1
         hist["step"].append(step)
         hist["loss"].append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}")
+        bar.update(min(budget, time.time() - t0) - bar.n)
+        bar.set_postfix(step=step, loss=f"{np.mean(hist['loss'][-20:]):.3f}")
         if step % 200 == 0 or time.time() - t0 >= budget:
             if vbatches:
                 hist["val_step"].append(step)
