@@ -90,7 +90,7 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     assert (out / "work/tokenizer_curves.png").exists()
     assert json.loads((out / "work/tokenizer_report.json").read_text())["val_psnr"] == tok["val_psnr"]
     rep = gpt_stage("smoke", corpus, out, progress=False)
-    assert rep["steps"] > 0 and np.isfinite(rep["train_loss"])
+    assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])
     bundle = load_bundle(out)                       # hash and config checked
     assert bundle.cfg == preset("test")
     card = json.loads((out / "model.json").read_text())
@@ -107,7 +107,8 @@ def _clips(cfg, n=3, seed=0):
     for i in range(n):
         T = 20 + 7 * i
         gt = {"yaw": rng.uniform(-30, 30, T).astype(np.float32), "blink": rng.uniform(0, 1, T).astype(np.float32),
-              "emotion": rng.integers(0, 5, T)}
+              "emotion": rng.integers(0, 5, T), "mouth_open": rng.uniform(0, 1, T).astype(np.float32),
+              "viseme": rng.integers(0, 11, T)}
         out.append(ClipTokens(f"c{i}", rng.integers(0, cfg.codebook_size, (T, cfg.tokens_per_frame)).astype(np.int16),
                               rng.integers(0, cfg.codebook_size, cfg.tokens_per_frame).astype(np.int16),
                               rng.standard_normal((4 * T + 3, cfg.n_mels)).astype(np.float32), gt if i != 1 else {}))
@@ -131,6 +132,10 @@ def test_token_cache_round_trips_and_refuses_another_tokenizer_or_other_clips(tm
     assert load_tokens(path, "other tokenizer", ["c0", "c1", "c2"]) is None
     assert load_tokens(path, "abc", ["c0", "c1"]) is None
     assert load_tokens(tmp_path / "absent.npz", "abc", []) is None
+    # a cache of the first format (no mouth ground truth) is stale: tokenize again
+    old = {k: v for k, v in np.load(path, allow_pickle=False).items() if k != "version"}
+    np.savez(tmp_path / "v1.npz", **old)
+    assert load_tokens(tmp_path / "v1.npz", "abc", ["c0", "c1", "c2"]) is None
 
 
 def test_windows_at_a_clips_start_read_the_portrait_as_their_previous_frame():
@@ -148,3 +153,41 @@ def test_windows_at_a_clips_start_read_the_portrait_as_their_previous_frame():
         clip = next(c for c in data if np.array_equal(c.portrait, port[i].numpy()))
         s = next(s for s in range(len(clip.tokens) - 4) if np.array_equal(clip.tokens[s:s + 5], toks[i].numpy()))
         assert np.array_equal(prev[i].numpy(), clip.tokens[s - 1] if s else clip.portrait)
+
+
+def test_batches_carry_the_mouth_ground_truth_of_their_frames():
+    from eartalk.model.train_gpt import MOUTH_GT, make_batch
+    bundle = new_bundle(preset("test"))
+    data = _clips(bundle.cfg)
+    b = make_batch(bundle, data, 8, 5, 0.0, np.random.default_rng(0))
+    assert b.mouth.shape == (8, 5, len(MOUTH_GT)) and b.viseme.shape == (8, 5)
+    j = MOUTH_GT.index("mouth_open")
+    seen_gt = seen_none = 0
+    for i in range(8):
+        clip = next(c for c in data if np.array_equal(c.portrait, b.portrait[i].numpy()))
+        s = next(s for s in range(len(clip.tokens) - 4) if np.array_equal(clip.tokens[s:s + 5], b.tokens[i].numpy()))
+        if clip.gt:
+            seen_gt += 1
+            assert np.array_equal(b.mouth[i, :, j].numpy(), clip.gt["mouth_open"][s:s + 5])
+            assert np.array_equal(b.viseme[i].numpy(), clip.gt["viseme"][s:s + 5])
+            others = [k for k in range(len(MOUTH_GT)) if k != j]   # not in this clip's ground truth
+            assert torch.isnan(b.mouth[i][:, others]).all()
+        else:
+            seen_none += 1
+            assert torch.isnan(b.mouth[i]).all() and (b.viseme[i] == -1).all()
+    assert seen_gt and seen_none
+
+
+def test_mouth_loss_is_scaled_mse_plus_viseme_cross_entropy_over_known_frames():
+    from eartalk.model.train_gpt import MouthHead, make_batch, mouth_loss
+    bundle = new_bundle(preset("test"))
+    b = make_batch(bundle, _clips(bundle.cfg), 8, 5, 0.0, np.random.default_rng(0))
+    head = MouthHead(bundle.cfg)
+    with torch.no_grad():
+        params, logits = head(b.audio)
+        known, vk = ~torch.isnan(b.mouth), b.viseme >= 0
+        want = 10 * ((params[known] - b.mouth[known]) ** 2).mean() + F.cross_entropy(logits[vk], b.viseme[vk])
+        assert float(mouth_loss(head, b)) == pytest.approx(float(want), rel=1e-6)
+        # no ground truth at all (the user's own videos): no loss, and no NaN
+        bare = b._replace(mouth=torch.full_like(b.mouth, float("nan")), viseme=torch.full_like(b.viseme, -1))
+        assert float(mouth_loss(head, bare)) == 0.0

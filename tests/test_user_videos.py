@@ -124,4 +124,4 @@ def test_import_command_and_training_on_user_clips(tmp_path, capsys):
     clips = tokenize_corpus(bundle, corpus, "train", progress=False)
     assert clips and all(c.gt is None for c in clips)
     b = make_batch(bundle, clips, 2, 4, 0.5, np.random.default_rng(0))
-    assert b[0].shape == (2, 4, bundle.cfg.tokens_per_frame) and not b[-1].any()   # all free
+    assert b.tokens.shape == (2, 4, bundle.cfg.tokens_per_frame) and not b.mask.any()   # all free

@@ -24,14 +24,18 @@ from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_
 RECIPES = {
     # minutes per stage on the 2-core reference machine; total <= 90
     # gpt_corrupt: fraction of input tokens replaced by random codes; gpt_start: fraction of
-    # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch).
+    # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
+    # gpt_mouth: weight of the audio encoder's mouth/viseme probe loss (train_gpt.mouth_loss);
+    # gpt_change: weight of the tokens that differ from the previous frame's in the token CE.
     # tok_self: one tokenizer sample in that many is the portrait against itself (0: none; the
     # shipped tokenizer was trained without, its portrait self-reconstruction measured 23.2 dB).
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, gpt_minutes=50, gpt_batch=4, gpt_corrupt=0.3, gpt_start=0.25, max_clips=None),
+                 tok_self=0, gpt_minutes=50, gpt_batch=4, gpt_corrupt=0.3, gpt_start=0.25, gpt_mouth=1.0,
+                 gpt_change=2.0, max_clips=None),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=0.3, gpt_start=0.25, max_clips=4),
+                  gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=0.3, gpt_start=0.25, gpt_mouth=1.0, gpt_change=2.0,
+                  max_clips=4),
 }
 
 
@@ -103,7 +107,8 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     train, val = splits["train"], splits["val"]
     report = {"tokenize_minutes": round((time.time() - t0) / 60, 2)}
     report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
-                            corrupt=r["gpt_corrupt"], start_prob=r["gpt_start"], seed=seed, progress=progress))
+                            corrupt=r["gpt_corrupt"], start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"],
+                            change_weight=r["gpt_change"], seed=seed, progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
     card = json.loads((corpus / "data_card.json").read_text()) if (corpus / "data_card.json").exists() else {}

@@ -12,17 +12,26 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from eartalk.data.corpus import list_clips, load_clip
+from eartalk.data.visemes import VISEMES
 from eartalk.model.audio import LogMel
 from eartalk.model.bundle import ModelBundle
 from eartalk.model.conditions import controls_from_gt, encode_controls
 from eartalk.model.config import CONTROLS
+
+# Ground truth the synthetic corpus has per frame and the audio encoder is taught to predict
+# (``mouth_loss``): the renderer's mouth parameters and the viseme class.
+MOUTH_GT = ("mouth_open", "mouth_width", "round", "teeth", "tongue", "tuck", "press")
+CACHED_GT = tuple(CONTROLS) + MOUTH_GT + ("viseme",)
+CACHE_VERSION = 2   # 2: mouth parameters and visemes cached too
 
 
 @dataclass
@@ -79,22 +88,23 @@ def save_tokens(path: Path, data: list[ClipTokens], tokenizer_sha256: str) -> No
     stage reuses it). Plain arrays, no pickle; stamped with the tokenizer's weights hash."""
     lens = np.array([len(c.tokens) for c in data])
     mlens = np.array([len(c.mel) for c in data])
-    names = sorted({k for c in data for k in (c.gt or {}) if k in CONTROLS})
+    names = sorted({k for c in data for k in (c.gt or {}) if k in CACHED_GT})
     gt = {f"gt_{k}": np.concatenate([np.asarray(c.gt[k], dtype=np.float32) if c.gt and k in c.gt
                                      else np.full(len(c.tokens), np.nan, np.float32) for c in data])
           for k in names}
-    np.savez(path, tokenizer_sha256=np.array(tokenizer_sha256), clip_ids=np.array([c.clip_id for c in data]),
+    np.savez(path, version=np.array(CACHE_VERSION), tokenizer_sha256=np.array(tokenizer_sha256), clip_ids=np.array([c.clip_id for c in data]),
              lengths=lens, mel_lengths=mlens, has_gt=np.array([bool(c.gt) for c in data]),
              tokens=np.concatenate([c.tokens for c in data]), portraits=np.stack([c.portrait for c in data]),
              mel=np.concatenate([c.mel for c in data]), **gt)
 
 
 def load_tokens(path: Path, tokenizer_sha256: str, clip_ids: list[str]) -> list[ClipTokens] | None:
-    """The cached split, or None when absent, made by another tokenizer or of other clips."""
+    """The cached split, or None when absent, of another cache version, made by another tokenizer or
+    of other clips."""
     if not Path(path).exists():
         return None
     z = np.load(path, allow_pickle=False)
-    if str(z["tokenizer_sha256"]) != tokenizer_sha256 or list(z["clip_ids"]) != list(clip_ids):
+    if "version" not in z.files or int(z["version"]) != CACHE_VERSION or str(z["tokenizer_sha256"]) != tokenizer_sha256 or list(z["clip_ids"]) != list(clip_ids):
         return None
     cut = np.cumsum(z["lengths"])[:-1]
     toks, mels = np.split(z["tokens"], cut), np.split(z["mel"], np.cumsum(z["mel_lengths"])[:-1])
@@ -103,7 +113,7 @@ def load_tokens(path: Path, tokenizer_sha256: str, clip_ids: list[str]) -> list[
     for i, cid in enumerate(z["clip_ids"]):
         gt = {}
         if z["has_gt"][i]:
-            gt = {k: (np.where(np.isnan(v[i]), -1, v[i]).astype(np.int64) if k == "emotion" else v[i])
+            gt = {k: (np.where(np.isnan(v[i]), -1, v[i]).astype(np.int64) if k in ("emotion", "viseme") else v[i])
                   for k, v in gts.items()}
         out.append(ClipTokens(str(cid), toks[i], z["portraits"][i], mels[i], gt))
     return out
@@ -122,13 +132,25 @@ def _audio_tokens(bundle: ModelBundle, mel: torch.Tensor, start: int, T: int) ->
     return torch.stack([enc.step(seg[:, i * mpf:i * mpf + R])[0] for i in range(T)])
 
 
+class Batch(NamedTuple):
+    """``B`` training windows of ``T`` frames (see :func:`make_batch`)."""
+    tokens: torch.Tensor     # int64 [B, T, N]
+    prev: torch.Tensor       # int64 [B, N]: the frame before the window (the portrait at a clip's start)
+    portrait: torch.Tensor   # int64 [B, N]
+    audio: torch.Tensor      # [B, T, A, F] audio tokens (with grad: the encoder trains with the GPT)
+    cond: torch.Tensor       # [B, T, C, Dc]
+    mask: torch.Tensor       # bool [B, T, C]: pinned controls
+    mouth: torch.Tensor      # [B, T, len(MOUTH_GT)] ground-truth mouth parameters, NaN where unknown
+    viseme: torch.Tensor     # int64 [B, T] ground-truth viseme, -1 where unknown
+
+
 def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, drop_prob: float,
-               rng: np.random.Generator, start_prob: float = 0.0):
+               rng: np.random.Generator, start_prob: float = 0.0) -> Batch:
     """``batch`` windows of ``T`` frames; with probability ``start_prob`` a window starts at its
     clip's first frame, reading the portrait's tokens as its previous frame, as every stream does
     (a uniform cut starts there once in ~200 windows, and the portrait's codes are unlike any
     corpus frame's: 90% of a frame's tokens differ from them)."""
-    toks, prev, port, aud, cond, mask = [], [], [], [], [], []
+    toks, prev, port, aud, cond, mask, mouth, vis = [], [], [], [], [], [], [], []
     for _ in range(batch):
         c = data[rng.integers(len(data))]
         n = len(c.tokens)
@@ -145,7 +167,39 @@ def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, 
             cd, m = (np.repeat(a[None], T, axis=0) for a in encode_controls({}))
         cond.append(torch.from_numpy(cd))
         mask.append(torch.from_numpy(m))
-    return tuple(torch.stack(x) for x in (toks, prev, port, aud, cond, mask))
+        g = c.gt or {}
+        mouth.append(torch.from_numpy(np.stack([np.asarray(g[k], np.float32)[idx] if k in g else np.full(T, np.nan, np.float32)
+                                                for k in MOUTH_GT], axis=-1)))
+        vis.append(torch.from_numpy(np.asarray(g["viseme"], np.int64)[idx] if "viseme" in g else np.full(T, -1)))
+    return Batch(*(torch.stack(x) for x in (toks, prev, port, aud, cond, mask, mouth, vis)))
+
+
+class MouthHead(nn.Module):
+    """Training-only probe on the audio tokens: a frame's mouth parameters and viseme from its
+    ``A x F`` audio tokens. Its loss teaches the audio encoder phoneme-to-mouth directly, instead of
+    only through the token cross-entropy of the few mouth tokens (most of a frame's 64 tokens do not
+    depend on audio). Not part of the shipped model."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.lin = nn.Linear(cfg.audio_tokens * cfg.audio_dim, len(MOUTH_GT) + len(VISEMES))
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.lin(audio.flatten(-2))
+        return y[..., :len(MOUTH_GT)], y[..., len(MOUTH_GT):]
+
+
+def mouth_loss(head: MouthHead, b: Batch) -> torch.Tensor:
+    """Mean squared error of the mouth parameters (each in [0, 1], scaled x10 to weigh like a CE)
+    plus the viseme cross-entropy, over the frames that have ground truth (0 when none has)."""
+    params, logits = head(b.audio)
+    known = ~torch.isnan(b.mouth)
+    loss = logits.sum() * 0.0
+    if known.any():
+        loss = loss + 10.0 * F.mse_loss(params[known], b.mouth[known])
+    if (b.viseme >= 0).any():
+        loss = loss + F.cross_entropy(logits.flatten(0, 1), b.viseme.flatten(), ignore_index=-1)
+    return loss
 
 
 def gpt_loss(bundle: ModelBundle, b, corrupt: float = 0.0, gen: torch.Generator | None = None,
@@ -157,7 +211,7 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float = 0.0, gen: torch.Generator 
     forward to bfloat16 (validation, under no_grad, stays float32). ``change_weight``: weight of
     the tokens that differ from the previous frame's (most tokens repeat, so plain CE is mostly
     paid for copying, and a model that only copies never animates)."""
-    toks, prev, port, aud, cond, mask = b
+    toks, prev, port, aud, cond, mask = b[:6]
     inp, prev_in = toks, prev
     if corrupt > 0:
         V = bundle.cfg.codebook_size
@@ -179,23 +233,31 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               minutes: float = 50.0, max_steps: int = 100000, batch: int = 4, T: int | None = None,
               lr: float = 1e-3, drop_prob: float = 0.5, seed: int = 0, progress: bool = True,
               resume: bool = True, corrupt: float = 0.1, bf16: bool = True, change_weight: float = 1.0,
-              start_prob: float = 0.0) -> dict:
-    """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable)."""
+              start_prob: float = 0.0, mouth_weight: float = 0.0) -> dict:
+    """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
+
+    ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
+    to the token cross-entropy; 0 trains on tokens alone."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     T = T or bundle.cfg.window + 4
+    head = MouthHead(bundle.cfg)
     params = list(bundle.gpt.parameters()) + list(bundle.audio.parameters())
+    if mouth_weight > 0:
+        params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     ckpt = out_dir / "gpt_ckpt.pt"
-    hist = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+    hist = {"step": [], "loss": [], "mouth": [], "val_step": [], "val_loss": []}
     step, spent = 0, 0.0
     if resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
         bundle.gpt.load_state_dict(st["gpt"])
         bundle.audio.load_state_dict(st["audio"])
+        if "mouth_head" in st:
+            head.load_state_dict(st["mouth_head"])
         opt.load_state_dict(st["opt"])
         step, spent = int(st["step"]), float(st["spent"])
-        hist = json.loads(st["hist"])
+        hist = {"mouth": [], **json.loads(st["hist"])}
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 1000003 + step)
     budget = minutes * 60
@@ -212,15 +274,19 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
-        loss = gpt_loss(bundle, make_batch(bundle, train, batch, T, drop_prob, rng, start_prob), corrupt, gen, bf16,
-                        change_weight)
+        b = make_batch(bundle, train, batch, T, drop_prob, rng, start_prob)
+        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight)
+        if mouth_weight > 0:
+            aux = mouth_loss(head, b)
+            hist["mouth"].append(aux.item())
+            loss = ce + mouth_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         hist["step"].append(step)
-        hist["loss"].append(loss.item())
+        hist["loss"].append(ce.item())
         bar.update(min(budget, time.time() - t0) - bar.n)
         bar.set_postfix(step=step, loss=f"{np.mean(hist['loss'][-20:]):.3f}")
         if step % 200 == 0 or time.time() - t0 >= budget:
@@ -228,14 +294,15 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
                 hist["val_step"].append(step)
                 hist["val_loss"].append(_val_loss(bundle, vbatches))
             torch.save({"gpt": bundle.gpt.state_dict(), "audio": bundle.audio.state_dict(),
-                        "opt": opt.state_dict(), "step": step, "spent": time.time() - t0,
+                        "mouth_head": head.state_dict(), "opt": opt.state_dict(), "step": step, "spent": time.time() - t0,
                         "hist": json.dumps(hist)}, ckpt)
     bar.close()
     bundle.eval()
     plot_curves(hist, out_dir / "gpt_curves.png")
     return {"steps": step, "minutes": round((time.time() - t0) / 60, 2),
             "train_loss": float(np.mean(hist["loss"][-50:])) if hist["loss"] else None,
-            "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None}
+            "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None,
+            "mouth_loss": float(np.mean(hist["mouth"][-50:])) if hist["mouth"] else None}
 
 
 @torch.no_grad()
@@ -252,7 +319,9 @@ def plot_curves(hist: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    mouth = hist.get("mouth") or []
+    fig, axes = plt.subplots(1, 2 if mouth else 1, figsize=(11 if mouth else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     if hist["loss"]:
         k = max(1, len(hist["loss"]) // 100)
         ax.plot(hist["step"][k - 1:], np.convolve(hist["loss"], np.ones(k) / k, mode="valid"), label="train")
@@ -262,6 +331,12 @@ def plot_curves(hist: dict, path: Path) -> None:
     ax.set_ylabel("token cross-entropy")
     ax.legend()
     ax.set_title("transformer training")
+    if mouth:   # recorded from the step mouth_weight was first > 0, so aligned to the last steps
+        k = max(1, len(mouth) // 100)
+        axes[0, 1].plot(hist["step"][-len(mouth):][k - 1:], np.convolve(mouth, np.ones(k) / k, mode="valid"))
+        axes[0, 1].set_xlabel("step")
+        axes[0, 1].set_ylabel("10 x MSE + viseme CE")
+        axes[0, 1].set_title("audio encoder's mouth probe (train)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
