@@ -36,6 +36,43 @@ def test_loss_is_cross_entropy_of_teacher_forcing_and_corruption_touches_inputs_
         assert torch.equal(noisy, gpt_loss(bundle, b, corrupt=1.0, gen=torch.Generator().manual_seed(1)))
 
 
+def test_corruption_range_gives_each_window_its_own_fraction():
+    from eartalk.model.train_gpt import corrupt_inputs
+    V, B, T, N = 512, 64, 12, 64
+    g = torch.Generator().manual_seed(0)
+    toks, prev = torch.randint(0, V, (B, T, N), generator=g), torch.randint(0, V, (B, N), generator=g)
+    same = corrupt_inputs(toks, prev, 0.0, V, g)
+    assert same[0] is toks and same[1] is prev
+    fixed, _ = corrupt_inputs(toks, prev, 0.5, V, g)
+    share = (fixed != toks).float().mean(dim=(1, 2))            # per window, ~0.5 * (1 - 1/V)
+    assert float((share - 0.5).abs().max()) < 0.06
+    spread, spread_prev = corrupt_inputs(toks, prev, (0.0, 0.9), V, g)
+    share = (spread != toks).float().mean(dim=(1, 2))
+    assert float(share.min()) < 0.15 and float(share.max()) > 0.75 and float(share.max()) < 0.95
+    # a window's previous frame is corrupted at that window's rate
+    share_prev = (spread_prev != prev).float().mean(dim=1)
+    assert float(np.corrcoef(share.numpy(), share_prev.numpy())[0, 1]) > 0.8
+    with pytest.raises(ValueError, match="corrupt must be"):
+        corrupt_inputs(toks, prev, (0.5, 0.2), V, g)
+
+
+def test_training_audio_tokens_equal_the_per_frame_step():
+    from eartalk.model.train_gpt import _audio_tokens
+    bundle = new_bundle(preset("test"))
+    cfg, enc = bundle.cfg, bundle.audio
+    mel = torch.randn(200, cfg.n_mels, generator=torch.Generator().manual_seed(0))
+    from eartalk.model.audio import SILENCE_LOG_MEL
+    mpf, la, R = cfg.mels_per_frame, cfg.lookahead_frames, enc.receptive_field
+    padded = torch.cat([torch.full((R, cfg.n_mels), SILENCE_LOG_MEL), mel, torch.full((R, cfg.n_mels), SILENCE_LOG_MEL)])
+    with torch.no_grad():
+        for start, T in ((0, 5), (7, 12), (45, 6)):   # at the clip's start, inside, past its end
+            got = _audio_tokens(bundle, mel, start, T)
+            for i in range(T):
+                end = (start + i + 1 + la) * mpf      # frame t reads mel < (t + 1 + la) * mpf
+                want = enc.step(padded[None, R + end - R:R + end])[0]
+                torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+
+
 def test_change_weight_weights_the_tokens_that_differ_from_the_previous_frame():
     from eartalk.model.train_gpt import gpt_loss
     bundle = new_bundle(preset("test"))

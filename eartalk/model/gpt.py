@@ -162,8 +162,11 @@ class EARTalkGPT(nn.Module):
                              persistent=False)   # [digits, V]: row i = digit i's index into digit_emb/head
         self.tok_emb = nn.Embedding(cfg.codebook_size, d)
         self.digit_emb = nn.Embedding(sum(levels), d)
-        self.query_emb = nn.Parameter(torch.zeros(N, d))
-        self.slot_emb = nn.Parameter(torch.zeros(P + N, d))       # spatial position in the frame layout
+        # Spatial position in the frame layout: one vector per context slot (C + A + N). Query slot i
+        # shares token position i's vector (plus one "query" vector), so "the token at my position"
+        # is the same key from the first step on instead of a pairing to learn for each of N slots.
+        self.slot_emb = nn.Parameter(torch.zeros(P, d))
+        self.query_emb = nn.Parameter(torch.zeros(1, d))
         self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -204,13 +207,13 @@ class EARTalkGPT(nn.Module):
     def _context(self, prev_emb: Tensor, audio_emb: Tensor, cond: Tensor | None,
                  cond_mask: Tensor | None) -> Tensor:
         """[B,P,d] context embeddings from ``embed_tokens(prev_tokens)``; cond None = all kinds free."""
-        B, P = prev_emb.shape[0], self.cfg.page_tokens
+        B = prev_emb.shape[0]
         if cond is None:
             c = self.cond_free.expand(B, -1, -1)
         else:
             c = torch.where(cond_mask.unsqueeze(-1), self.cond_proj(cond), self.cond_free)
         c = c + self.cond_kind
-        return torch.cat([c, audio_emb, prev_emb], dim=1) + self.slot_emb[:P]
+        return torch.cat([c, audio_emb, prev_emb], dim=1) + self.slot_emb
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """[..., d] embeddings of codes: the code's own vector plus its FSQ digits' vectors."""
@@ -226,11 +229,13 @@ class EARTalkGPT(nn.Module):
         return out
 
     def _queries(self, batch: int) -> Tensor:
-        """[B,N,d] query slots: learned, one per spatial position, the same for every frame. They do
-        not start from the previous frame's tokens: with that residual the model learnt to copy and
-        never predicted a change (measured: 0 of the changed tokens right after 234 steps; position-
-        only slots with corrupted inputs got 8% after 332 steps), since 78% of tokens repeat."""
-        return (self.query_emb + self.slot_emb[self.cfg.page_tokens:]).expand(batch, -1, -1)
+        """[B,N,d] query slots: position only (token position i's slot vector plus the query vector),
+        the same for every frame. They do not start from the previous frame's tokens: with that
+        residual the model learnt to copy and never predicted a change (measured: 0 of the changed
+        tokens right after 234 steps; position-only slots with corrupted inputs got 8% after 332
+        steps), since 78% of tokens repeat."""
+        c = self.cfg
+        return (self.query_emb + self.slot_emb[c.cond_tokens + c.audio_tokens:]).expand(batch, -1, -1)
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.code_logits(self.head(self.ln_f(x)))

@@ -23,19 +23,20 @@ from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_
 
 RECIPES = {
     # minutes per stage on the 2-core reference machine; total <= 90
-    # gpt_corrupt: fraction of input tokens replaced by random codes; gpt_start: fraction of
+    # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
+    # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
     # gpt_mouth: weight of the audio encoder's mouth/viseme probe loss (train_gpt.mouth_loss);
     # gpt_change: weight of the tokens that differ from the previous frame's in the token CE.
-    # tok_self: one tokenizer sample in that many is the portrait against itself (0: none; the
-    # shipped tokenizer was trained without, its portrait self-reconstruction measured 23.2 dB).
+    # tok_self: one tokenizer sample in that many is the portrait against itself (0: none; every
+    # frame sample then goes to corpus frames, which is what the transformer's targets are).
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, gpt_minutes=50, gpt_batch=4, gpt_corrupt=0.3, gpt_start=0.25, gpt_mouth=1.0,
-                 gpt_change=2.0, max_clips=None),
+                 tok_self=0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=2.0, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=0.3, gpt_start=0.25, gpt_mouth=1.0, gpt_change=2.0,
-                  max_clips=4),
+                  gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=2.0, max_clips=4, val_clips=4),
 }
 
 
@@ -98,16 +99,18 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
         p.requires_grad_(False)
     tok_sha = weights_digest(tok_path)
     splits = {}
+    # validation needs only a few windows (its loss is measured on 4 batches): tokenize a few clips
+    limit = {"train": r["max_clips"], "val": r["val_clips"]}
     for split in ("train", "val"):   # cached: a resumed stage does not tokenize the corpus again
         cache = work / f"tokens_{split}.npz"
-        splits[split] = load_tokens(cache, tok_sha, list_clips(corpus, split)[:r["max_clips"]])
+        splits[split] = load_tokens(cache, tok_sha, list_clips(corpus, split)[:limit[split]])
         if splits[split] is None:
-            splits[split] = tokenize_corpus(bundle, corpus, split, r["max_clips"], progress)
+            splits[split] = tokenize_corpus(bundle, corpus, split, limit[split], progress)
             save_tokens(cache, splits[split], tok_sha)
     train, val = splits["train"], splits["val"]
     report = {"tokenize_minutes": round((time.time() - t0) / 60, 2)}
     report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
-                            corrupt=r["gpt_corrupt"], start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"],
+                            corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"], start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"],
                             change_weight=r["gpt_change"], seed=seed, progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
