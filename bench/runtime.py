@@ -159,7 +159,7 @@ def recompute(gpt, st, t, frames_back):
         ctx = gpt._context(gpt.embed_tokens(st.tokens[s:t + 1, 0]), gpt.audio_proj(st.audio[s:t + 1, 0]),
                            st.cond[s:t + 1, 0], st.mask[s:t + 1, 0])                    # [T,P,d]
         sink = gpt._context(gpt.embed_tokens(st.tokens[0]), gpt.audio_null[None], None, None)   # [1,P,d]
-        x = torch.cat([sink[0], ctx.reshape(-1, ctx.shape[-1]), gpt._queries(1)[0]])[None]
+        x = torch.cat([sink[0], ctx.reshape(-1, ctx.shape[-1]), gpt._queries(ctx[-1:])[0]])[None]
         for l, blk in enumerate(gpt.blocks):
             x, _, _ = blk(x, lag_bias(gpt.lag_bias[l], lag, W).permute(2, 0, 1).unsqueeze(0))
         return gpt._logits(x[:, -N:])

@@ -62,7 +62,9 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
     cnd = torch.where(cond_mask.unsqueeze(-1), _linear(gpt.cond_proj, cond), gpt.cond_free) + gpt.cond_kind
     prev_emb = gpt.embed_tokens(prev_tokens)
     ctx = torch.cat([cnd, _linear(gpt.audio_proj, audio), prev_emb], dim=1) + gpt.slot_emb
-    x = torch.cat([ctx, gpt._queries(prev_tokens.shape[0])], dim=1)
+    ca = c.cond_tokens + c.audio_tokens
+    qry = gpt.query_emb + gpt.slot_emb[ca:] + _linear(gpt.query_cond, ctx[:, None, :ca].flatten(2))
+    x = torch.cat([ctx, qry], dim=1)
     past = lag_bias(gpt.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)
     cur = lag_bias(gpt.lag_bias, gpt.frame_lag, W).permute(2, 3, 0, 1)
     ks, vs = [], []

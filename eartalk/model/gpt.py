@@ -167,6 +167,12 @@ class EARTalkGPT(nn.Module):
         # is the same key from the first step on instead of a pairing to learn for each of N slots.
         self.slot_emb = nn.Parameter(torch.zeros(P, d))
         self.query_emb = nn.Parameter(torch.zeros(1, d))
+        # The frame's own condition and audio tokens also reach its query slots directly (one
+        # linear map of the C + A context embeddings, added to every slot). Through attention alone
+        # they are 6 keys among ~700 (sink, window pages, previous tokens) and the model learnt to
+        # copy the previous frame long before it learnt to look at them: at step 400 of the recipe
+        # its frames did not move at all, even with every control pinned.
+        self.query_cond = nn.Linear((C + A) * d, d)
         self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -228,14 +234,16 @@ class EARTalkGPT(nn.Module):
             out = out + digit_logits[..., d]
         return out
 
-    def _queries(self, batch: int) -> Tensor:
-        """[B,N,d] query slots: position only (token position i's slot vector plus the query vector),
-        the same for every frame. They do not start from the previous frame's tokens: with that
-        residual the model learnt to copy and never predicted a change (measured: 0 of the changed
-        tokens right after 234 steps; position-only slots with corrupted inputs got 8% after 332
-        steps), since 78% of tokens repeat."""
+    def _queries(self, ctx: Tensor) -> Tensor:
+        """[B,N,d] query slots from the frame's context embeddings ``ctx`` [B,P,d]: token position
+        i's slot vector plus the query vector plus the frame's conditions and audio (``query_cond``).
+        They do not start from the previous frame's tokens: with that residual the model learnt to
+        copy and never predicted a change (measured: 0 of the changed tokens right after 234 steps;
+        position-only slots with corrupted inputs got 8% after 332 steps), since 78% of tokens repeat."""
         c = self.cfg
-        return (self.query_emb + self.slot_emb[c.cond_tokens + c.audio_tokens:]).expand(batch, -1, -1)
+        ca = c.cond_tokens + c.audio_tokens
+        frame = self.query_cond(ctx[:, :ca].flatten(1)).unsqueeze(1)            # [B,1,d]
+        return self.query_emb + self.slot_emb[ca:] + frame
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.code_logits(self.head(self.ln_f(x)))
@@ -267,8 +275,8 @@ class EARTalkGPT(nn.Module):
         self._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
         P, W = self.cfg.page_tokens, self.cfg.window
         prev_emb = self.embed_tokens(prev_tokens)
-        x = torch.cat([self._context(prev_emb, self.audio_proj(audio), cond, cond_mask),
-                       self._queries(prev_tokens.shape[0])], dim=1)
+        ctx = self._context(prev_emb, self.audio_proj(audio), cond, cond_mask)
+        x = torch.cat([ctx, self._queries(ctx)], dim=1)
         past = lag_bias(self.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)  # [L,B,H,1,S]
         cur = lag_bias(self.lag_bias, self.frame_lag, W).permute(2, 3, 0, 1)          # [L,H,P+N,P+N]
         ks, vs = [], []
@@ -360,7 +368,7 @@ class EARTalkGPT(nn.Module):
         prev_emb, port_emb = self.embed_tokens(flat(prev)), self.embed_tokens(portrait_tokens)
         ctx = self._context(prev_emb, self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
         sink = self._context(port_emb, self.audio_null.expand(B, -1, -1), None, None)
-        return B, T, sink, ctx, self._queries(B * T)
+        return B, T, sink, ctx, self._queries(ctx)
 
     # ---- input checks (shapes only: static, so they vanish from an exported graph)
     def _check_tokens(self, t: Tensor, name: str):
