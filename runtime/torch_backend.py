@@ -63,7 +63,7 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
     prev_emb = gpt.embed_tokens(prev_tokens)
     ctx = torch.cat([cnd, _linear(gpt.audio_proj, audio), prev_emb], dim=1) + gpt.slot_emb
     ca = c.cond_tokens + c.audio_tokens
-    qry = gpt.query_emb + gpt.slot_emb[ca:] + _linear(gpt.query_cond, ctx[:, None, :ca].flatten(2))
+    qry = gpt.query_emb + ctx[:, ca:] + _linear(gpt.query_cond, ctx[:, None, :ca].flatten(2))
     x = torch.cat([ctx, qry], dim=1)
     past = lag_bias(gpt.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)
     cur = lag_bias(gpt.lag_bias, gpt.frame_lag, W).permute(2, 3, 0, 1)
