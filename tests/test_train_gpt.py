@@ -63,13 +63,14 @@ def test_training_audio_tokens_equal_the_per_frame_step():
     mel = torch.randn(200, cfg.n_mels, generator=torch.Generator().manual_seed(0))
     from eartalk.model.audio import SILENCE_LOG_MEL
     mpf, la, R = cfg.mels_per_frame, cfg.lookahead_frames, enc.receptive_field
-    padded = torch.cat([torch.full((R, cfg.n_mels), SILENCE_LOG_MEL), mel, torch.full((R, cfg.n_mels), SILENCE_LOG_MEL)])
+    silence = torch.full((R, cfg.n_mels), SILENCE_LOG_MEL)
+    padded = torch.cat([silence, mel, silence])
     with torch.no_grad():
         for start, T in ((0, 5), (7, 12), (45, 6)):   # at the clip's start, inside, past its end
             got = _audio_tokens(bundle, mel, start, T)
             for i in range(T):
                 end = (start + i + 1 + la) * mpf      # frame t reads mel < (t + 1 + la) * mpf
-                want = enc.step(padded[None, R + end - R:R + end])[0]
+                want = enc.step(padded[None, end:end + R])[0]   # mel[end - R:end]
                 torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
 
 

@@ -183,8 +183,13 @@ class AudioEncoder(nn.Module):
         used = (T + self.lookahead) * self.mpf
         pad = mel.new_full((B, self.receptive_field - self.mpf, mel.shape[2]), SILENCE_LOG_MEL)
         h = self._convs(torch.cat([pad, mel[:, :used]], 1))            # index i <-> mel frame i
-        h = h[:, :, self.lookahead * self.mpf:used]
-        h = h.reshape(B, h.shape[1], T, self.mpf).permute(0, 2, 1, 3).reshape(B, T, -1)
+        return self.frame_tokens(h[:, :, self.lookahead * self.mpf:used])
+
+    def frame_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Conv outputs ``h [B, C, T * mpf]`` (``mpf`` per video frame, in order) -> audio tokens
+        ``[B, T, A, F]``: each frame's ``mpf`` outputs packed channel-major, as :meth:`step` does."""
+        B, C, M = h.shape
+        h = h.reshape(B, C, M // self.mpf, self.mpf).permute(0, 2, 1, 3).reshape(B, M // self.mpf, -1)
         return self._head(h)
 
     def step(self, mel_window: torch.Tensor) -> torch.Tensor:

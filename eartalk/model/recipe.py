@@ -110,8 +110,9 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     train, val = splits["train"], splits["val"]
     report = {"tokenize_minutes": round((time.time() - t0) / 60, 2)}
     report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
-                            corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"], start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"],
-                            change_weight=r["gpt_change"], seed=seed, progress=progress))
+                            corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"],
+                            start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"], change_weight=r["gpt_change"],
+                            seed=seed, progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
     card = json.loads((corpus / "data_card.json").read_text()) if (corpus / "data_card.json").exists() else {}

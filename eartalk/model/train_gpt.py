@@ -131,9 +131,7 @@ def _audio_tokens(bundle: ModelBundle, mel: torch.Tensor, start: int, T: int) ->
     seg = F.pad(seg[None], (0, 0, pad_l, pad_r), value=SILENCE_LOG_MEL)
     # one pass of the causal convs over the whole segment: frame i's outputs are exactly those
     # ``enc.step`` computes on its own R-frame window (test_train_gpt), at a sixth of the work
-    h = enc._convs(seg)                                            # [1, C, T * mpf]
-    h = h.reshape(1, h.shape[1], T, mpf).permute(0, 2, 1, 3).reshape(1, T, -1)
-    return enc._head(h)[0]
+    return enc.frame_tokens(enc._convs(seg))[0]                    # convs: [1, C, T * mpf]
 
 
 class Batch(NamedTuple):
@@ -262,9 +260,10 @@ def bf16_native() -> bool:
 
 def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
               minutes: float = 50.0, max_steps: int = 100000, batch: int = 4, T: int | None = None,
-              lr: float = 1e-3, warmup: int = 200, drop_prob: float = 0.5, seed: int = 0, progress: bool = True,
-              resume: bool = True, corrupt: float | tuple[float, float] = 0.1, bf16: bool | None = None, change_weight: float = 1.0,
-              start_prob: float = 0.0, mouth_weight: float = 0.0) -> dict:
+              lr: float = 1e-3, warmup: int = 200, drop_prob: float = 0.5, seed: int = 0,
+              progress: bool = True, resume: bool = True, corrupt: float | tuple[float, float] = 0.1,
+              bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
+              mouth_weight: float = 0.0) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
