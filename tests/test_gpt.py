@@ -303,3 +303,34 @@ def test_code_logits_are_the_sum_of_the_codes_fsq_digit_logits():
     torch.testing.assert_close(F.cross_entropy(logits, code, reduction="none"), want, atol=1e-5, rtol=1e-5)
     best = parts[0].argmax(-1) + 8 * parts[1].argmax(-1) + 64 * parts[2].argmax(-1)
     assert torch.equal(logits.argmax(-1), best)
+
+
+@pytest.mark.parametrize("name", ["tiny", "test"])
+def test_init_layer0_head0_reads_the_portrait_token_at_its_own_position(name):
+    """At initialisation, layer 0 head 0 of query slot i attends mostly to the sink's token i (the
+    portrait's code at the same place), over the sink page and its own frame's rows."""
+    import math
+    cfg = preset(name)
+    torch.manual_seed(0)
+    m = EARTalkGPT(cfg).eval()
+    B, N, P, D = 3, cfg.tokens_per_frame, cfg.page_tokens, cfg.head_dim
+    ca = cfg.cond_tokens + cfg.audio_tokens
+    g = torch.Generator().manual_seed(2)
+    port = torch.randint(0, cfg.codebook_size, (B, N), generator=g)
+    prev = torch.randint(0, cfg.codebook_size, (B, N), generator=g)
+    with torch.no_grad():
+        sink_k, _ = m.prefill(port)
+        cond = torch.randn(B, cfg.cond_tokens, cfg.cond_dim, generator=g)
+        ctx = m._context(m.embed_tokens(prev), m.audio_proj(torch.randn(B, cfg.audio_tokens, cfg.audio_dim, generator=g)),
+                         cond, torch.ones(B, cfg.cond_tokens, dtype=torch.bool))
+        x = torch.cat([ctx, m._queries(ctx)], dim=1)
+        q, k, _ = m.blocks[0].attn.qkv(m.blocks[0].ln1(x)).view(B, P + N, 3, cfg.n_head, D).unbind(2)
+        q0, k0 = q[:, P:, 0], k[:, :, 0]                                    # head 0: [B,N,D], [B,P+N,D]
+        bias = m.lag_bias[0, 0]
+        scores = torch.cat([q0 @ sink_k[0, :, 0].transpose(1, 2) + 0.0, q0 @ k0.transpose(1, 2)], -1) / math.sqrt(D)
+        scores[..., :P] += bias[cfg.window + 1]
+        scores[..., P:] += bias[0]
+        attn = scores.softmax(-1)                                           # [B,N,2P+N]
+    own = attn[:, torch.arange(N), ca + torch.arange(N)]
+    assert float(own.mean()) > 0.85 and float(own.min()) > 0.6
+    assert torch.equal(attn[..., :P].argmax(-1), (ca + torch.arange(N)).expand(B, N))

@@ -56,6 +56,27 @@ def test_corruption_range_gives_each_window_its_own_fraction():
         corrupt_inputs(toks, prev, (0.5, 0.2), V, g)
 
 
+def test_portrait_share_of_corruption_takes_the_portrait_code_at_its_position():
+    from eartalk.model.train_gpt import corrupt_inputs
+    V, B, T, N = 512, 8, 12, 64
+    g = torch.Generator().manual_seed(0)
+    toks, prev = torch.randint(0, V, (B, T, N), generator=g), torch.randint(0, V, (B, N), generator=g)
+    port = torch.randint(0, V, (B, N), generator=g)
+    inp, prev_in = corrupt_inputs(toks, prev, 1.0, V, g, port, portrait_share=0.5)
+    is_port = inp == port[:, None]
+    # every input token replaced; about half by the portrait's own code at that position, the rest random
+    # (a random code equals the portrait's 1 time in V)
+    assert 0.45 < float(is_port.float().mean()) < 0.55
+    assert 0.45 < float((prev_in == port).float().mean()) < 0.55
+    assert float((inp == toks).float().mean()) < 0.01
+    all_port, _ = corrupt_inputs(toks, prev, 1.0, V, g, port, portrait_share=1.0)
+    assert torch.equal(all_port, port[:, None].expand_as(toks))
+    with pytest.raises(ValueError, match="portrait tokens of shape"):
+        corrupt_inputs(toks, prev, 1.0, V, g, None, portrait_share=0.5)
+    with pytest.raises(ValueError, match="portrait_share must be"):
+        corrupt_inputs(toks, prev, 1.0, V, g, port, portrait_share=1.5)
+
+
 def test_training_audio_tokens_equal_the_per_frame_step():
     from eartalk.model.train_gpt import _audio_tokens
     bundle = new_bundle(preset("test"))

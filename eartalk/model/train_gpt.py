@@ -205,11 +205,22 @@ def mouth_loss(head: MouthHead, b: Batch) -> torch.Tensor:
 
 
 def corrupt_inputs(toks: torch.Tensor, prev: torch.Tensor, corrupt: float | tuple[float, float], V: int,
-                   gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   gen: torch.Generator | None = None, portrait: torch.Tensor | None = None,
+                   portrait_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``toks`` [B,T,N] and ``prev`` [B,N] with a fraction of their tokens replaced by random codes
     of ``V``: ``corrupt`` is that fraction, or a range ``(lo, hi)`` from which each window (batch
     row) draws its own. A random code may equal the original, so the share changed is ``rate *
-    (1 - 1/V)``."""
+    (1 - 1/V)``.
+
+    ``portrait`` [B,N] with ``portrait_share`` > 0: that share of the replaced tokens take the
+    portrait's code at their position instead of a random one. A stream that stops moving is a
+    stream reading portrait-like frames (the fixed point every copying model fell into): trained
+    on such history with moving targets, the model has to move from the audio and the controls."""
+    if not 0.0 <= portrait_share <= 1.0:
+        raise ValueError(f"portrait_share must be in [0, 1], got {portrait_share!r}")
+    if portrait_share > 0 and (portrait is None or tuple(portrait.shape) != tuple(prev.shape)):
+        raise ValueError(f"portrait_share > 0 needs portrait tokens of shape {tuple(prev.shape)}, "
+                         f"got {None if portrait is None else tuple(portrait.shape)}")
     lo, hi = (corrupt, corrupt) if isinstance(corrupt, (int, float)) else corrupt
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"corrupt must be a fraction or a range (lo, hi) inside [0, 1], got {corrupt!r}")
@@ -217,14 +228,19 @@ def corrupt_inputs(toks: torch.Tensor, prev: torch.Tensor, corrupt: float | tupl
         return toks, prev
     B = toks.shape[0]
     rate = lo + (hi - lo) * torch.rand(B, generator=gen) if hi > lo else torch.full((B,), float(lo))
-    noisy = lambda t: torch.where(  # noqa: E731
-        torch.rand(t.shape, generator=gen) < rate.view(B, *[1] * (t.dim() - 1)),
-        torch.randint(0, V, t.shape, generator=gen), t)
+    def noisy(t):
+        shape = (B, *[1] * (t.dim() - 1))
+        repl = torch.randint(0, V, t.shape, generator=gen)
+        if portrait_share > 0:
+            port = portrait.view(B, *[1] * (t.dim() - 2), -1).expand_as(t)
+            repl = torch.where(torch.rand(t.shape, generator=gen) < portrait_share, port, repl)
+        return torch.where(torch.rand(t.shape, generator=gen) < rate.view(shape), repl, t)
     return noisy(toks), noisy(prev)
 
 
 def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
-             gen: torch.Generator | None = None, bf16: bool = False, change_weight: float = 1.0) -> torch.Tensor:
+             gen: torch.Generator | None = None, bf16: bool = False, change_weight: float = 1.0,
+             portrait_share: float = 0.0) -> torch.Tensor:
     """Token cross-entropy of teacher forcing. ``corrupt``: the fraction of *input* tokens (the
     previous frames the model reads) replaced by random codes, or a range ``(lo, hi)`` from which
     each window draws its own fraction; the targets stay clean. When streaming, the model reads its
@@ -234,9 +250,11 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
     clean history, copying the previous frame already gets ~77% of tokens right). ``bf16``:
     autocast the training forward to bfloat16 (validation, under no_grad, stays float32).
     ``change_weight``: weight of the tokens that differ from the previous frame's (most tokens
-    repeat, so plain CE is mostly paid for copying, and a model that only copies never animates)."""
+    repeat, so plain CE is mostly paid for copying, and a model that only copies never animates).
+    ``portrait_share``: of the corrupted inputs, the share given the portrait's code (see
+    :func:`corrupt_inputs`)."""
     toks, prev, port, aud, cond, mask = b[:6]
-    inp, prev_in = corrupt_inputs(toks, prev, corrupt, bundle.cfg.codebook_size, gen)
+    inp, prev_in = corrupt_inputs(toks, prev, corrupt, bundle.cfg.codebook_size, gen, port, portrait_share)
     # bf16 matmuls (~1.5x a step where the CPU has AVX-512 BF16; see bf16_native); softmax and
     # the loss stay in float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and torch.is_grad_enabled()):
@@ -263,7 +281,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               lr: float = 1e-3, warmup: int = 200, drop_prob: float = 0.5, seed: int = 0,
               progress: bool = True, resume: bool = True, corrupt: float | tuple[float, float] = 0.1,
               bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
-              mouth_weight: float = 0.0) -> dict:
+              mouth_weight: float = 0.0, portrait_share: float = 0.0) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
@@ -306,7 +324,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
         b = make_batch(bundle, train, batch, T, drop_prob, rng, start_prob)
-        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight)
+        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share)
         if mouth_weight > 0:
             aux = mouth_loss(head, b)
             hist["mouth"].append(aux.item())
