@@ -327,7 +327,7 @@ def test_init_layer0_head0_reads_the_portrait_token_at_its_own_position(name):
         q, k, _ = m.blocks[0].attn.qkv(m.blocks[0].ln1(x)).view(B, P + N, 3, cfg.n_head, D).unbind(2)
         q0, k0 = q[:, P:, 0], k[:, :, 0]                                    # head 0: [B,N,D], [B,P+N,D]
         bias = m.lag_bias[0, 0]
-        scores = torch.cat([q0 @ sink_k[0, :, 0].transpose(1, 2) + 0.0, q0 @ k0.transpose(1, 2)], -1) / math.sqrt(D)
+        scores = torch.cat([q0 @ sink_k[0, :, 0].transpose(1, 2), q0 @ k0.transpose(1, 2)], -1) / math.sqrt(D)
         scores[..., :P] += bias[cfg.window + 1]
         scores[..., P:] += bias[0]
         attn = scores.softmax(-1)                                           # [B,N,2P+N]

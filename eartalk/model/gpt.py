@@ -213,10 +213,11 @@ class EARTalkGPT(nn.Module):
         Query slot i and the sink's token i share slot_emb[C+A+i]. Token positions get orthogonal
         slot vectors (larger than the token embeddings, so they dominate ``ln1``) and head 0's
         W_q = W_k project onto them: q_i . k_j / sqrt(D) ~ ``match`` for i == j, ~0 otherwise; the
-        sink column of its lag bias is raised by ``sink``. Measured before this (2026-12-02 run):
-        the model learnt to copy the previous frame and, with every input token replaced by noise,
-        got 9.7% of tokens right -- the portrait-to-frame map needs the sink token at one's own
-        position, which uniform attention over ~700 keys gives no gradient towards for a long time.
+        sink column of its lag bias is raised by ``sink``. Why: the 2026-12-02 run copied the
+        previous frame and, with every input token replaced by noise, got 9.7% of tokens right; the
+        portrait-to-frame map needs the sink token at one's own position, one key among ~700.
+        Measured since (2026-12-03 run, docs/model-card.md): the run still copied; the limit found
+        there is the tokenizer's flickering codes, not this lookup.
         """
         c = self.cfg
         ca, N, D, d = c.cond_tokens + c.audio_tokens, c.tokens_per_frame, c.head_dim, c.d_model
