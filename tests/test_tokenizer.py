@@ -147,6 +147,49 @@ def test_self_pairs_train_the_sink_code(cfg):
     assert errs[8] < 0.85 * errs[0], errs
 
 
+def test_pair_term_is_the_latent_step_between_consecutive_frames(cfg):
+    """``pair`` is mean |latent_t - latent_t+1| over the two halves of the batch: zero for a frame
+    paired with itself, the hand-computed value otherwise; an odd batch is refused."""
+    frames, portraits, index = synthetic_clips(n_ids=1, per_id=4)
+    torch.manual_seed(0)
+    tok = VQTokenizer(cfg)
+    x = torch.from_numpy(frames).float() / 255
+    p = torch.from_numpy(portraits[index]).float() / 255
+    same = tok.loss(torch.cat([x[:2], x[:2]]), torch.cat([p[:2], p[:2]]), pair_weight=1.0)
+    assert float(same["pair"]) == 0.0
+    with torch.no_grad():
+        b = tok.quant._bounded(tok._encode(x, p))
+    d = tok.loss(x, p, pair_weight=2.0)
+    torch.testing.assert_close(d["pair"], (b[:2] - b[2:]).abs().mean())
+    plain = tok.loss(x, p)
+    assert "pair" not in plain
+    torch.testing.assert_close(d["loss"], plain["loss"] + 2.0 * d["pair"])
+    with pytest.raises(ValueError, match="odd batch of 3"):
+        tok.loss(x[:3], p[:3], pair_weight=1.0)
+
+
+def test_pair_training_keeps_codes_still_between_nearly_equal_frames(cfg):
+    """Frames whose successor differs by a sub-pixel head shift: trained with the frame-to-frame
+    term, fewer tokens change between a frame and its successor than trained without it."""
+    frames, portraits, index = synthetic_clips()
+    rng = np.random.default_rng(1)
+    # the successor: the same frame moved by one pixel horizontally or vertically, half the time
+    nxt = np.stack([np.roll(f, int(rng.integers(-1, 2)), axis=int(rng.integers(1, 3))) for f in frames])
+    x, n = (torch.from_numpy(a).float() / 255 for a in (frames, nxt))
+    p = torch.from_numpy(portraits[index]).float() / 255
+    rates = {}
+    for w in (0.0, 1.0):
+        torch.manual_seed(0)
+        m = train_tokenizer(frames, portraits, cfg, steps=300, lr=3e-3, batch=16, progress=False,
+                            portrait_index=index, tokenizer=VQTokenizer(cfg).eval(), self_every=0,
+                            next_frames=nxt, pair_weight=w)["model"]
+        with torch.no_grad():
+            rates[w] = float((m.encode(x, p) != m.encode(n, p)).float().mean())
+    assert rates[1.0] < 0.5 * rates[0.0], rates
+    with pytest.raises(ValueError, match="needs next_frames"):
+        train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, pair_weight=1.0)
+
+
 def _export(module, args, path, names_in, names_out):
     batch = torch.export.Dim("batch", min=1, max=64)
     dyn = tuple({0: batch} for _ in names_in)

@@ -32,28 +32,37 @@ RECIPES = {
     # stream's history) rather than a random one (train_gpt.corrupt_inputs).
     # tok_self: one tokenizer sample in that many is the portrait against itself (0: none; every
     # frame sample then goes to corpus frames, which is what the transformer's targets are).
+    # tok_pair: weight of the tokenizer's frame-to-frame latent term (VQTokenizer.loss pair_weight;
+    # batches are then pairs of consecutive frames); 0: frames drawn alone.
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                 tok_self=0, tok_pair=0.1, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                  tok_pair=0.0, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=4, val_clips=4),
 }
 
 
-def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool):
+def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool,
+                    successors: bool = False):
     """Every ``every``-th frame of each clip of ``split`` with its clip's portrait: (frames, portraits,
-    portrait_index), channels first, uint8."""
-    frames, portraits, index = [], [], []
+    portrait_index), channels first, uint8; with ``successors`` also each frame's next frame
+    (frames then stop one before the clip's end): (frames, portraits, portrait_index, next_frames)."""
+    frames, nexts, portraits, index = [], [], [], []
     for i, cid in enumerate(tqdm(list_clips(corpus, split)[:max_clips], desc=f"loading {split} frames",
                                  disable=not progress, unit="clip")):
         clip = load_clip(corpus, cid)
-        frames.append(fit_size(np.asarray(clip.frames)[::every], size))
+        all_frames = np.asarray(clip.frames)
+        at = np.arange(0, len(all_frames) - int(successors), every)
+        frames.append(fit_size(all_frames[at], size))
+        if successors:
+            nexts.append(fit_size(all_frames[at + 1], size))
         portraits.append(clip_portrait(clip, size))
-        index.append(np.full(len(frames[-1]), i))
+        index.append(np.full(len(at), i))
     to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))  # noqa: E731
-    return to_chw(np.concatenate(frames)), to_chw(np.stack(portraits)), np.concatenate(index)
+    out = (to_chw(np.concatenate(frames)), to_chw(np.stack(portraits)), np.concatenate(index))
+    return out + (to_chw(np.concatenate(nexts)),) if successors else out
 
 
 def _recipe(name: str) -> dict:
@@ -69,13 +78,16 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     cfg = preset(r["preset"])
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    frames, portraits, index = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress)
+    pairs = r["tok_pair"] > 0
+    frames, portraits, index, *nexts = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"],
+                                                       r["max_clips"], progress, successors=pairs)
     # held-out PSNR on the validation split (a small corpus may have none: then no validation)
     val = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
     m = train_tokenizer(frames, portraits, cfg, steps=r["tok_steps"], batch=r["tok_batch"], lr=r["tok_lr"],
                         out_dir=str(work), progress=progress, portrait_index=index, seed=seed,
-                        max_minutes=r["tok_minutes"], val=val, val_every=500, self_every=r["tok_self"])
+                        max_minutes=r["tok_minutes"], val=val, val_every=500, self_every=r["tok_self"],
+                        next_frames=nexts[0] if pairs else None, pair_weight=r["tok_pair"])
     m.pop("model")
     m.update(frames=int(len(frames)), val_frames=int(len(val[0])) if val else 0)
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))

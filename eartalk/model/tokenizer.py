@@ -229,7 +229,7 @@ class VQTokenizer(nn.Module):
         return self._decode(q, self.reference(portrait)), idx
 
     def loss(self, images, portrait, grad_weight: float = 0.5, change_weight: float = 1.0,
-             pyramid_weight: float = 1.0) -> dict:
+             pyramid_weight: float = 1.0, pair_weight: float = 0.0) -> dict:
         """Weighted L1 + L1 of image gradients (edges: lips, eyelids) + L1 of 2x/4x/8x average-pooled
         images (a wide basin for the flow: a misplaced edge still shows at coarse scales).
 
@@ -237,10 +237,20 @@ class VQTokenizer(nn.Module):
         what differs from the portrait (mouth, eyes, pose) is exactly what the tokens must carry.
         ``loss`` is the total to backpropagate; ``l1`` (unweighted), ``grad``, ``pyr`` its parts;
         ``psnr`` for logging (no gradient).
+
+        ``pair_weight > 0``: the batch is ``[frames t ; frames t+1]`` of the same clips (first half,
+        second half) and ``pair`` = mean |latent_t - latent_t+1| in quantisation steps joins the
+        loss. Why: with reconstruction alone a sub-pixel head movement moves every latent a little,
+        so codes near a quantisation boundary flip from frame to frame (2026-12-03 run: 21% of
+        tokens changed per frame, 11% between nearly still frames); the transformer then finds
+        copying the previous frame's tokens loss-optimal and never animates. The L1 term lets a
+        latent move only where the reconstruction pays for it.
         """
         x = _to_float01(images)
         p = _to_float01(portrait)
-        recon, _ = self(x, p)
+        z = self._encode(x, p)
+        q, _ = self.quant(z)
+        recon = self._decode(q, self.reference(p))
         diff = (x - p).abs().mean(1, keepdim=True)
         w = 1 + change_weight * diff / (diff.mean() + 1e-3)
         err = (recon - x).abs()
@@ -251,8 +261,16 @@ class VQTokenizer(nn.Module):
         pyr = sum((F.avg_pool2d(recon, k) - F.avg_pool2d(x, k)).abs().mean() for k in (2, 4, 8))
         with torch.no_grad():
             psnr = -10 * torch.log10(F.mse_loss(recon, x).clamp_min(1e-10))
-        return {"loss": wl1 + grad_weight * grad + pyramid_weight * pyr, "l1": err.mean().detach(),
-                "grad": grad, "pyr": pyr, "psnr": psnr}
+        total = wl1 + grad_weight * grad + pyramid_weight * pyr
+        out = {"l1": err.mean().detach(), "grad": grad, "pyr": pyr, "psnr": psnr}
+        if pair_weight > 0:
+            if len(x) % 2:
+                raise ValueError(f"pair_weight needs a batch of [frames t ; frames t+1], got an odd batch of {len(x)}")
+            b = self.quant._bounded(z)
+            out["pair"] = (b[: len(b) // 2] - b[len(b) // 2:]).abs().mean()
+            total = total + pair_weight * out["pair"]
+        out["loss"] = total
+        return out
 
     def codebook_usage(self) -> dict:
         """From the training-time usage EMA: ``used`` codes (usage above a tenth of uniform),
@@ -409,7 +427,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     out_dir: str | None = None, progress: bool = True, portrait_index=None,
                     tokenizer: VQTokenizer | None = None, seed: int = 0, change_weight: float = 1.0,
                     max_minutes: float | None = None, val=None, val_every: int = 250,
-                    self_every: int = 8) -> dict:
+                    self_every: int = 8, next_frames=None, pair_weight: float = 0.0) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -422,9 +440,21 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     Writes ``out_dir/tokenizer.safetensors`` and ``tokenizer_curves.png`` when ``out_dir`` is
     given. Returns metrics of the last 10% of steps, codebook usage and the validation curve; the
     trained model is ``metrics["model"]``.
+
+    ``next_frames`` ``[M, 3, S, S]``: frame ``i``'s successor in its clip; with ``pair_weight > 0``
+    each batch is ``batch // 2`` such pairs and :meth:`VQTokenizer.loss` adds the frame-to-frame
+    latent term (the portrait-against-itself samples are then left out).
     """
     frames, portraits, portrait_index = _as_set(frames, portraits, portrait_index)
     M = frames.shape[0]
+    if pair_weight > 0:
+        if next_frames is None:
+            raise ValueError("pair_weight > 0 needs next_frames (each frame's successor in its clip)")
+        next_frames = torch.as_tensor(np.asarray(next_frames))
+        if next_frames.shape != frames.shape:
+            raise ValueError(f"next_frames {tuple(next_frames.shape)} must match frames {tuple(frames.shape)}")
+        if batch < 2 or batch % 2:
+            raise ValueError(f"pair_weight > 0 needs an even batch >= 2, got {batch}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = tokenizer or VQTokenizer(cfg)
@@ -442,14 +472,19 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             break
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
-        i = torch.randint(0, M, (batch,), generator=gen)
-        x, p = frames[i], portraits[portrait_index[i]]
-        # one sample in ``self_every`` is the portrait against itself: the sink frame's own code
-        # (the stream's first frame) is never a corpus frame, and untrained it decoded blurred
-        n_self = batch // self_every if self_every else 0
-        if n_self:
-            x = torch.cat([p[:n_self], x[n_self:]])
-        d = tok.loss(x, p, change_weight=change_weight)
+        if pair_weight > 0:
+            i = torch.randint(0, M, (batch // 2,), generator=gen)
+            x = torch.cat([frames[i], next_frames[i]])
+            p = portraits[portrait_index[i]].repeat(2, 1, 1, 1)
+        else:
+            i = torch.randint(0, M, (batch,), generator=gen)
+            x, p = frames[i], portraits[portrait_index[i]]
+            # one sample in ``self_every`` is the portrait against itself: the sink frame's own code
+            # (the stream's first frame) is never a corpus frame, and untrained it decoded blurred
+            n_self = batch // self_every if self_every else 0
+            if n_self:
+                x = torch.cat([p[:n_self], x[n_self:]])
+        d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
