@@ -17,7 +17,8 @@ from tqdm import tqdm
 from eartalk.data.corpus import list_clips, load_clip
 from eartalk.model.bundle import new_bundle, save_bundle, weights_digest
 from eartalk.model.config import preset
-from eartalk.model.tokenizer import VQTokenizer, train_tokenizer
+from eartalk.model.face_state import face_state
+from eartalk.model.tokenizer import VQTokenizer, state_token_accuracy, train_tokenizer
 from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_tokens, tokenize_corpus,
                                      train_gpt)
 
@@ -34,35 +35,45 @@ RECIPES = {
     # frame sample then goes to corpus frames, which is what the transformer's targets are).
     # tok_pair: weight of the tokenizer's frame-to-frame latent term (VQTokenizer.loss pair_weight;
     # batches are then pairs of consecutive frames); 0: frames drawn alone.
+    # tok_state: weight pulling the tokenizer's latents towards a function of the face state
+    # (VQTokenizer.loss state_weight; eartalk.model.face_state); 0: codes untied.
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, tok_pair=0.1, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                 tok_self=0, tok_pair=0.1, tok_state=0.1, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  tok_pair=0.0, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                  tok_pair=0.0, tok_state=0.1, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=4, val_clips=4),
 }
 
 
 def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool,
-                    successors: bool = False):
-    """Every ``every``-th frame of each clip of ``split`` with its clip's portrait: (frames, portraits,
-    portrait_index), channels first, uint8; with ``successors`` also each frame's next frame
-    (frames then stop one before the clip's end): (frames, portraits, portrait_index, next_frames)."""
-    frames, nexts, portraits, index = [], [], [], []
+                    successors: bool = False) -> dict:
+    """Every ``every``-th frame of each clip of ``split`` with its clip's portrait, channels first,
+    uint8, and each frame's face state (``face_state``, NaN rows for clips without ground truth):
+    a dict of ``frames``, ``portraits``, ``index`` (frame -> portrait), ``states``; with
+    ``successors`` also ``next_frames`` and ``next_states`` (frames then stop one before the
+    clip's end)."""
+    frames, nexts, portraits, index, states, next_states = [], [], [], [], [], []
     for i, cid in enumerate(tqdm(list_clips(corpus, split)[:max_clips], desc=f"loading {split} frames",
                                  disable=not progress, unit="clip")):
         clip = load_clip(corpus, cid)
         all_frames = np.asarray(clip.frames)
         at = np.arange(0, len(all_frames) - int(successors), every)
+        st = face_state(clip.gt, len(all_frames))
         frames.append(fit_size(all_frames[at], size))
+        states.append(st[at])
         if successors:
             nexts.append(fit_size(all_frames[at + 1], size))
+            next_states.append(st[at + 1])
         portraits.append(clip_portrait(clip, size))
         index.append(np.full(len(at), i))
     to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))  # noqa: E731
-    out = (to_chw(np.concatenate(frames)), to_chw(np.stack(portraits)), np.concatenate(index))
-    return out + (to_chw(np.concatenate(nexts)),) if successors else out
+    out = dict(frames=to_chw(np.concatenate(frames)), portraits=to_chw(np.stack(portraits)),
+               index=np.concatenate(index), states=np.concatenate(states))
+    if successors:
+        out.update(next_frames=to_chw(np.concatenate(nexts)), next_states=np.concatenate(next_states))
+    return out
 
 
 def _recipe(name: str) -> dict:
@@ -79,17 +90,20 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
-    frames, portraits, index, *nexts = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"],
-                                                       r["max_clips"], progress, successors=pairs)
+    d = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress, successors=pairs)
     # held-out PSNR on the validation split (a small corpus may have none: then no validation)
-    val = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
+    v = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
-    m = train_tokenizer(frames, portraits, cfg, steps=r["tok_steps"], batch=r["tok_batch"], lr=r["tok_lr"],
-                        out_dir=str(work), progress=progress, portrait_index=index, seed=seed,
+    val = (v["frames"], v["portraits"], v["index"]) if v else None
+    m = train_tokenizer(d["frames"], d["portraits"], cfg, steps=r["tok_steps"], batch=r["tok_batch"], lr=r["tok_lr"],
+                        out_dir=str(work), progress=progress, portrait_index=d["index"], seed=seed,
                         max_minutes=r["tok_minutes"], val=val, val_every=500, self_every=r["tok_self"],
-                        next_frames=nexts[0] if pairs else None, pair_weight=r["tok_pair"])
-    m.pop("model")
-    m.update(frames=int(len(frames)), val_frames=int(len(val[0])) if val else 0)
+                        next_frames=d.get("next_frames"), pair_weight=r["tok_pair"], states=d["states"],
+                        next_states=d.get("next_states"), state_weight=r["tok_state"])
+    tok = m.pop("model")
+    if v and r["tok_state"] > 0:
+        m["val_state_acc"] = state_token_accuracy(tok, v["frames"], v["portraits"], v["index"], v["states"])
+    m.update(frames=int(len(d["frames"])), val_frames=int(len(v["frames"])) if v else 0)
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     return m
 

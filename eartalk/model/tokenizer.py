@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from eartalk.model.face_state import STATE_DIM
+
 SUBPIX = 4          # ref and decoder head work at S/4 and unpack 4x4 pixels per cell
 PIX_CH = 3 * SUBPIX * SUBPIX
 
@@ -142,7 +144,7 @@ class VQTokenizer(nn.Module):
     """
 
     def __init__(self, cfg, width: int = 32, ref_channels: int = 32, max_width: int = 128,
-                 attn_dim: int = 64):
+                 attn_dim: int = 64, state_hidden: int = 256):
         super().__init__()
         S, g = cfg.image_size, cfg.token_grid
         f = S // g
@@ -163,6 +165,12 @@ class VQTokenizer(nn.Module):
         self.quant = FSQ(cfg.codebook_size)
         enc += [ResBlock(widths[-1]), _norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], self.quant.dim, 1)]
         self.encoder = nn.Sequential(*enc)
+        # training only: the face state (eartalk.model.face_state) -> every cell's bounded latent.
+        # It depends on the state alone, not the portrait, so tying the codes to it makes them mean
+        # the same motion for every face (see loss(state=...)).
+        self.state_head = nn.Sequential(nn.Linear(STATE_DIM, state_hidden), nn.SiLU(),
+                                        nn.Linear(state_hidden, state_hidden), nn.SiLU(),
+                                        nn.Linear(state_hidden, self.quant.dim * g * g))
 
         # reference encoder: features at S/4; the packed portrait is appended by reference()
         self.ref_encoder = nn.Sequential(
@@ -201,6 +209,9 @@ class VQTokenizer(nn.Module):
                 conv.weight.zero_()
                 conv.bias.zero_()
             self.head.bias.view(4, SUBPIX * SUBPIX)[3].fill_(3.0)
+            # the state head starts at the middle level of every digit
+            mid = (torch.tensor(self.quant.levels, dtype=torch.float32) - 1) / 2
+            self.state_head[-1].bias.copy_(mid.view(-1, 1).expand(-1, g * g).reshape(-1))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -229,7 +240,8 @@ class VQTokenizer(nn.Module):
         return self._decode(q, self.reference(portrait)), idx
 
     def loss(self, images, portrait, grad_weight: float = 0.5, change_weight: float = 1.0,
-             pyramid_weight: float = 1.0, pair_weight: float = 0.0) -> dict:
+             pyramid_weight: float = 1.0, pair_weight: float = 0.0, state=None,
+             state_weight: float = 0.0) -> dict:
         """Weighted L1 + L1 of image gradients (edges: lips, eyelids) + L1 of 2x/4x/8x average-pooled
         images (a wide basin for the flow: a misplaced edge still shows at coarse scales).
 
@@ -269,8 +281,33 @@ class VQTokenizer(nn.Module):
             b = self.quant._bounded(z)
             out["pair"] = (b[: len(b) // 2] - b[len(b) // 2:]).abs().mean()
             total = total + pair_weight * out["pair"]
+        if state_weight > 0 and state is not None:
+            st = torch.as_tensor(state, dtype=torch.float32)
+            if st.shape != (len(x), STATE_DIM):
+                raise ValueError(f"state has shape {tuple(st.shape)}; expected [{len(x)}, {STATE_DIM}]")
+            known = ~torch.isnan(st).any(1)
+            if known.any():
+                b = self.quant._bounded(z)[known]
+                pred = self.predict_latent(st[known])
+                out["state_fit"] = (pred - b.detach()).abs().mean()
+                out["state"] = (b - pred.detach()).abs().mean()
+                with torch.no_grad():
+                    lv = (self.quant._levels.view(1, -1, 1, 1) - 1).to(pred.dtype)
+                    out["state_acc"] = (torch.round(pred.clamp(0, None).minimum(lv)) == torch.round(b)).all(1).float().mean()
+                total = total + out["state_fit"] + state_weight * out["state"]
         out["loss"] = total
         return out
+
+    def predict_latent(self, state: torch.Tensor) -> torch.Tensor:
+        """``state [B, STATE_DIM]`` -> the bounded latent ``[B, d, g, g]`` (in ``[0, L-1]`` per digit)
+        that :meth:`loss` ties the encoder's to."""
+        return self.state_head(state).view(len(state), self.quant.dim, self.g, self.g)
+
+    def state_tokens(self, state: torch.Tensor) -> torch.Tensor:
+        """``state [B, STATE_DIM]`` -> the tokens ``[B, N]`` the state head predicts (diagnostics)."""
+        lv = (self.quant._levels.view(1, -1, 1, 1) - 1).float()
+        digits = torch.round(self.predict_latent(state).clamp(0, None).minimum(lv)).long()
+        return (digits * self.quant._basis.view(1, -1, 1, 1)).sum(1).flatten(1)
 
     def codebook_usage(self) -> dict:
         """From the training-time usage EMA: ``used`` codes (usage above a tenth of uniform),
@@ -423,11 +460,31 @@ def reconstruction_psnr(tok: VQTokenizer, frames, portraits, portrait_index=None
     return float(-10 * math.log10(max(se / max(n, 1), 1e-10)))
 
 
+@torch.no_grad()
+def state_token_accuracy(tok: VQTokenizer, frames, portraits, portrait_index, states, batch: int = 64) -> float:
+    """Share of tokens (rows with a known state) that the state head predicts exactly: how much
+    of a frame's code is a function of its face state, i.e. predictable from controls and audio."""
+    frames, portraits, index = _as_set(frames, portraits, portrait_index)
+    states = torch.as_tensor(np.asarray(states, np.float32))
+    hit, n = 0, 0
+    for i in range(0, len(frames), batch):
+        st = states[i:i + batch]
+        known = ~torch.isnan(st).any(1)
+        if not known.any():
+            continue
+        x = frames[i:i + batch][known]
+        codes = tok.encode(x, portraits[index[i:i + batch][known]])
+        hit += int((tok.state_tokens(st[known]) == codes).sum())
+        n += codes.numel()
+    return hit / max(n, 1)
+
+
 def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3, batch: int = 16,
                     out_dir: str | None = None, progress: bool = True, portrait_index=None,
                     tokenizer: VQTokenizer | None = None, seed: int = 0, change_weight: float = 1.0,
                     max_minutes: float | None = None, val=None, val_every: int = 250,
-                    self_every: int = 8, next_frames=None, pair_weight: float = 0.0) -> dict:
+                    self_every: int = 8, next_frames=None, pair_weight: float = 0.0, states=None,
+                    next_states=None, state_weight: float = 0.0) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -444,6 +501,11 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     ``next_frames`` ``[M, 3, S, S]``: frame ``i``'s successor in its clip; with ``pair_weight > 0``
     each batch is ``batch // 2`` such pairs and :meth:`VQTokenizer.loss` adds the frame-to-frame
     latent term (the portrait-against-itself samples are then left out).
+
+    ``states`` ``[M, STATE_DIM]`` (and ``next_states`` for the successors, with pairs): each frame's
+    face state (:func:`eartalk.model.face_state.face_state`, NaN rows where unknown); with
+    ``state_weight > 0`` the codes are tied to it (:meth:`VQTokenizer.loss`) and ``state_acc`` (the
+    share of codes the state head predicts exactly) is reported. Self samples carry no state.
     """
     frames, portraits, portrait_index = _as_set(frames, portraits, portrait_index)
     M = frames.shape[0]
@@ -455,6 +517,17 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             raise ValueError(f"next_frames {tuple(next_frames.shape)} must match frames {tuple(frames.shape)}")
         if batch < 2 or batch % 2:
             raise ValueError(f"pair_weight > 0 needs an even batch >= 2, got {batch}")
+    if state_weight > 0:
+        from eartalk.model.face_state import STATE_DIM
+        if states is None or (pair_weight > 0 and next_states is None):
+            raise ValueError("state_weight > 0 needs states (and next_states when pair_weight > 0)")
+        states = torch.as_tensor(np.asarray(states, np.float32))
+        if tuple(states.shape) != (M, STATE_DIM):
+            raise ValueError(f"states has shape {tuple(states.shape)}; expected {(M, STATE_DIM)}")
+        if pair_weight > 0:
+            next_states = torch.as_tensor(np.asarray(next_states, np.float32))
+            if next_states.shape != states.shape:
+                raise ValueError(f"next_states {tuple(next_states.shape)} must match states {tuple(states.shape)}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = tokenizer or VQTokenizer(cfg)
@@ -476,15 +549,20 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             i = torch.randint(0, M, (batch // 2,), generator=gen)
             x = torch.cat([frames[i], next_frames[i]])
             p = portraits[portrait_index[i]].repeat(2, 1, 1, 1)
+            st = torch.cat([states[i], next_states[i]]) if state_weight > 0 else None
         else:
             i = torch.randint(0, M, (batch,), generator=gen)
             x, p = frames[i], portraits[portrait_index[i]]
+            st = states[i].clone() if state_weight > 0 else None
             # one sample in ``self_every`` is the portrait against itself: the sink frame's own code
             # (the stream's first frame) is never a corpus frame, and untrained it decoded blurred
             n_self = batch // self_every if self_every else 0
             if n_self:
                 x = torch.cat([p[:n_self], x[n_self:]])
-        d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight)
+                if st is not None:
+                    st[:n_self] = float("nan")
+        d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
+                     state_weight=state_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
@@ -496,10 +574,12 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             val_curve.append((step, reconstruction_psnr(tok, *val)))
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}",
-                        val=f"{val_curve[-1][1]:.1f}" if val_curve else "-")
+                        val=f"{val_curve[-1][1]:.1f}" if val_curve else "-",
+                        **({"state_acc": f"{rec['state_acc']:.2f}"} if "state_acc" in rec else {}))
     bar.close()
     tok.eval()
-    metrics = {k: float(np.mean([t[k] for t in tail])) for k in tail[0]}
+    keys = dict.fromkeys(k for t in tail for k in t)     # a batch without ground truth has no state terms
+    metrics = {k: float(np.mean([t[k] for t in tail if k in t])) for k in keys}
     if val is not None:
         val_curve.append((last, reconstruction_psnr(tok, *val)))
         metrics["val_psnr"] = val_curve[-1][1]
