@@ -36,13 +36,14 @@ RECIPES = {
     # tok_pair: weight of the tokenizer's frame-to-frame latent term (VQTokenizer.loss pair_weight;
     # batches are then pairs of consecutive frames); 0: frames drawn alone.
     # tok_state: weight pulling the tokenizer's latents towards a function of the face state
-    # (VQTokenizer.loss state_weight; eartalk.model.face_state); 0: codes untied.
+    # (VQTokenizer.loss state_weight; eartalk.model.face_state); 0: codes untied. tok_state_ramp:
+    # the fractions of the stage over which that pull rises from 0 (train_tokenizer state_ramp).
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, tok_pair=0.1, tok_state=0.1, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                 tok_self=0, tok_pair=0.1, tok_state=0.03, tok_state_ramp=(0.25, 0.5), gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  tok_pair=0.0, tok_state=0.1, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
+                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=4, val_clips=4),
 }
 
@@ -99,7 +100,8 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
                         out_dir=str(work), progress=progress, portrait_index=d["index"], seed=seed,
                         max_minutes=r["tok_minutes"], val=val, val_every=500, self_every=r["tok_self"],
                         next_frames=d.get("next_frames"), pair_weight=r["tok_pair"], states=d["states"],
-                        next_states=d.get("next_states"), state_weight=r["tok_state"])
+                        next_states=d.get("next_states"), state_weight=r["tok_state"],
+                        state_ramp=r["tok_state_ramp"])
     tok = m.pop("model")
     if v and r["tok_state"] > 0:
         m["val_state_acc"] = state_token_accuracy(tok, v["frames"], v["portraits"], v["index"], v["states"])

@@ -281,7 +281,7 @@ class VQTokenizer(nn.Module):
             b = self.quant._bounded(z)
             out["pair"] = (b[: len(b) // 2] - b[len(b) // 2:]).abs().mean()
             total = total + pair_weight * out["pair"]
-        if state_weight > 0 and state is not None:
+        if state is not None:       # the head fits even while the encoder's pull (weight) is 0
             st = torch.as_tensor(state, dtype=torch.float32)
             if st.shape != (len(x), STATE_DIM):
                 raise ValueError(f"state has shape {tuple(st.shape)}; expected [{len(x)}, {STATE_DIM}]")
@@ -484,7 +484,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     tokenizer: VQTokenizer | None = None, seed: int = 0, change_weight: float = 1.0,
                     max_minutes: float | None = None, val=None, val_every: int = 250,
                     self_every: int = 8, next_frames=None, pair_weight: float = 0.0, states=None,
-                    next_states=None, state_weight: float = 0.0) -> dict:
+                    next_states=None, state_weight: float = 0.0,
+                    state_ramp: tuple[float, float] = (0.0, 0.0)) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -506,6 +507,10 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     face state (:func:`eartalk.model.face_state.face_state`, NaN rows where unknown); with
     ``state_weight > 0`` the codes are tied to it (:meth:`VQTokenizer.loss`) and ``state_acc`` (the
     share of codes the state head predicts exactly) is reported. Self samples carry no state.
+    ``state_ramp`` ``(start, full)``: fractions of training over which the encoder's pull rises
+    from 0 to ``state_weight`` (the head fits from the start). Why: pulled from step 0 (weight 0.1
+    on the tiny recipe), the codes settled on what the state head could already predict before
+    they carried the frame: held-out PSNR 19.3 dB at step 2,000 with 90% of codes predicted.
     """
     frames, portraits, portrait_index = _as_set(frames, portraits, portrait_index)
     M = frames.shape[0]
@@ -561,8 +566,10 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                 x = torch.cat([p[:n_self], x[n_self:]])
                 if st is not None:
                     st[:n_self] = float("nan")
+        lo, hi = state_ramp
+        ramp = 1.0 if frac >= hi else max(0.0, (frac - lo) / (hi - lo)) if hi > lo else float(frac >= lo)
         d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
-                     state_weight=state_weight)
+                     state_weight=state_weight * ramp if state_weight > 0 else 0.0)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
