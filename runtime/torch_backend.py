@@ -63,7 +63,9 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
     prev_emb = gpt.embed_tokens(prev_tokens)
     ctx = torch.cat([cnd, _linear(gpt.audio_proj, audio), prev_emb], dim=1) + gpt.slot_emb
     ca = c.cond_tokens + c.audio_tokens
-    qry = gpt.query_emb + ctx[:, ca:] + _linear(gpt.query_cond, ctx[:, None, :ca].flatten(2))
+    q1, act, q2 = gpt.query_cond
+    frame = _linear(q2, act(_linear(q1, ctx[:, None, :ca].flatten(2)))).view(ctx.shape[0], N, -1)
+    qry = gpt.query_emb + gpt.slot_emb[ca:] + frame
     x = torch.cat([ctx, qry], dim=1)
     past = lag_bias(gpt.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)
     cur = lag_bias(gpt.lag_bias, gpt.frame_lag, W).permute(2, 3, 0, 1)

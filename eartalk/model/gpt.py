@@ -141,7 +141,7 @@ class Block(nn.Module):
 
 
 class EARTalkGPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, query_hidden: int = 256):
         super().__init__()
         self.cfg = cfg
         C, A, N, P, d = cfg.cond_tokens, cfg.audio_tokens, cfg.tokens_per_frame, cfg.page_tokens, cfg.d_model
@@ -172,7 +172,13 @@ class EARTalkGPT(nn.Module):
         # they are 6 keys among ~700 (sink, window pages, previous tokens) and the model learnt to
         # copy the previous frame long before it learnt to look at them: at step 400 of the recipe
         # its frames did not move at all, even with every control pinned.
-        self.query_cond = nn.Linear((C + A) * d, d)
+        # Since 2026-12-04 each slot gets its own vector from them (a two-layer map to N x d) and no
+        # longer starts from the previous frame's token: with codes tied to the face state
+        # (tokenizer state_head) a slot's code is a function of the controls and the mouth, and
+        # the slot's own previous token was the copy path (step 1,000 of that run, slot = previous
+        # token: 0.2% of tokens changed per frame free-running against 5.8% in the ground truth).
+        self.query_cond = nn.Sequential(nn.Linear((C + A) * d, query_hidden), nn.GELU(),
+                                        nn.Linear(query_hidden, N * d))
         self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -268,17 +274,19 @@ class EARTalkGPT(nn.Module):
 
     def _queries(self, ctx: Tensor) -> Tensor:
         """[B,N,d] query slots from the frame's context embeddings ``ctx`` [B,P,d]: query slot i is
-        context token i (the previous frame's token i with its position) plus the query vector plus
-        the frame's conditions and audio (``query_cond``). Each slot thus starts from everything
-        local to its position, so a per-position "previous token + controls + audio -> token" is
-        learnt by the MLPs from the first steps; attention adds the portrait and the neighbours.
-        Measured at step 400 of the recipe: with position-only slots (no previous token) the model
-        got 33% of validation tokens right teacher-forced, copying gets 82%; with the previous token
-        but no direct condition path (session 2), it learnt to copy and never predicted a change."""
+        token position i's slot vector plus the query vector plus its own vector of ``query_cond``,
+        a map of the frame's C condition and A audio embeddings. The previous frame's tokens are
+        reached through attention only (they are context rows of the frame).
+
+        History of this choice (recipe runs, validation windows): slots with position only and no
+        direct condition path got 33% of tokens right at step 400 and never moved; slots that
+        started from the previous frame's token i copied it (every run to 2026-12-04). Since the
+        tokenizer's codes are tied to the face state, the controls and the audio predict a slot's
+        code, so each slot gets its own map of them and no copy of its previous token."""
         c = self.cfg
-        ca = c.cond_tokens + c.audio_tokens
-        frame = self.query_cond(ctx[:, :ca].flatten(1)).unsqueeze(1)            # [B,1,d]
-        return self.query_emb + ctx[:, ca:] + frame
+        ca, N = c.cond_tokens + c.audio_tokens, c.tokens_per_frame
+        frame = self.query_cond(ctx[:, :ca].flatten(1)).view(ctx.shape[0], N, -1)   # [B,N,d]
+        return self.query_emb + self.slot_emb[ca:] + frame
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.code_logits(self.head(self.ln_f(x)))
