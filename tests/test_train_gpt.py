@@ -250,3 +250,24 @@ def test_mouth_loss_is_scaled_mse_plus_viseme_cross_entropy_over_known_frames():
         # no ground truth at all (the user's own videos): no loss, and no NaN
         bare = b._replace(mouth=torch.full_like(b.mouth, float("nan")), viseme=torch.full_like(b.viseme, -1))
         assert float(mouth_loss(head, bare)) == 0.0
+
+
+def test_plausible_corruption_takes_same_position_codes_of_another_window():
+    """With ``plausible``, every replaced token is the code at the same position of the next-rolled
+    window (some frame of it), never a code that window does not hold there; without it, the
+    replacements are uniform codes (outside the batch's codes here)."""
+    from eartalk.model.train_gpt import corrupt_inputs
+    B, T, N = 4, 6, 5
+    toks = (torch.arange(B)[:, None, None] * 100 + torch.arange(T)[None, :, None] * 10
+            + torch.arange(N)[None, None, :])                         # unique code per (window, frame, pos)
+    prev = toks[:, 0] + 1000
+    g = torch.Generator().manual_seed(0)
+    inp, prev_in = corrupt_inputs(toks, prev, 1.0, 4096, g, plausible=True)
+    other = toks.roll(1, dims=0)
+    for b in range(B):
+        for t in range(T):
+            for i in range(N):
+                assert int(inp[b, t, i]) in set(other[b, :, i].tolist())
+    assert torch.equal(prev_in, prev.roll(1, dims=0))
+    rnd, _ = corrupt_inputs(toks, prev, 1.0, 4096, torch.Generator().manual_seed(0))
+    assert (rnd >= 400).float().mean() > 0.8                       # uniform codes of 4096
