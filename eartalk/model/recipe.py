@@ -23,7 +23,7 @@ from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_
                                      train_gpt)
 
 RECIPES = {
-    # minutes per stage on the 2-core AVX2 machine (83 min measured end to end); total <= 90
+    # minutes per stage; 2026-12-04 on the 2-core AVX-512 EPYC: tokenizer 25, tokenizing ~8, GPT 30 (~63 end to end); total <= 90
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
