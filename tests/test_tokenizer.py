@@ -277,3 +277,24 @@ def test_state_training_makes_codes_a_function_of_the_state(cfg):
     assert acc[1.0] > acc[1e-4] + 0.1, acc
     with pytest.raises(ValueError, match="needs states"):
         train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, state_weight=1.0)
+
+
+def test_state_ramp_not_started_leaves_the_encoder_as_without_the_pull(cfg):
+    """``state_ramp=(1, 1)``: the pull never starts, the head fits on its own, so the encoder and
+    decoder end exactly as trained without states; with the pull on from step 0 they differ."""
+    from eartalk.model.face_state import STATE_DIM
+    frames, portraits, index = synthetic_clips(n_ids=2, per_id=8)
+    states = np.random.default_rng(0).uniform(-1, 1, (len(frames), STATE_DIM)).astype(np.float32)
+    x = torch.from_numpy(frames).float() / 255
+    p = torch.from_numpy(portraits[index]).float() / 255
+
+    def run(**kw):
+        torch.manual_seed(0)
+        m = train_tokenizer(frames, portraits, cfg, steps=20, batch=8, progress=False, portrait_index=index,
+                            tokenizer=VQTokenizer(cfg).eval(), self_every=0, **kw)["model"]
+        with torch.no_grad():
+            return m.quant._bounded(m._encode(x, p))
+
+    plain = run()
+    assert torch.equal(run(states=states, state_weight=1.0, state_ramp=(1.0, 1.0)), plain)
+    assert not torch.equal(run(states=states, state_weight=1.0), plain)
