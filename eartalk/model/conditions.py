@@ -21,7 +21,8 @@ from eartalk.model.config import COND_DIM, CONTROL_KINDS, CONTROLS, EMOTIONS
 C = len(CONTROL_KINDS)
 KIND_SLOT0 = 12  # the kind one-hot starts here
 _KIND_INDEX = {k: i for i, k in enumerate(CONTROL_KINDS)}
-_NUMERIC = {n: spec for n, spec in CONTROLS.items() if not isinstance(spec[2][0], str)}
+# the controls that take a number (every one but emotion), in CONTROLS order
+NUMERIC_CONTROLS = {n: spec for n, spec in CONTROLS.items() if not isinstance(spec[2][0], str)}
 
 
 def _scale(name: str) -> float:
@@ -55,7 +56,7 @@ def encode_controls(values: dict[str, float | str | None]) -> tuple[np.ndarray, 
             continue
         kind, slot, rng = CONTROLS[name]
         k = _KIND_INDEX[kind]
-        if name in _NUMERIC:
+        if name in NUMERIC_CONTROLS:
             if isinstance(value, str) or not np.isscalar(value):
                 raise TypeError(f"control {name} takes a number, got {value!r}")
             if not rng[0] <= float(value) <= rng[1]:      # also rejects NaN
@@ -76,7 +77,7 @@ def decode_controls(cond: np.ndarray, cond_mask: np.ndarray) -> dict[str, float 
         k = _KIND_INDEX[kind]
         if not cond_mask[k]:
             continue
-        if name in _NUMERIC:
+        if name in NUMERIC_CONTROLS:
             out[name] = float(cond[k, slot]) * _scale(name)
         else:
             out[name] = EMOTIONS[int(np.argmax(cond[k, slot:slot + len(EMOTIONS)]))]
@@ -109,7 +110,7 @@ def controls_from_gt(gt: dict[str, np.ndarray], drop_prob: float,
     for name, arr in gt.items():
         kind, slot, spec = CONTROLS[name]
         k = _KIND_INDEX[kind]
-        if name in _NUMERIC:
+        if name in NUMERIC_CONTROLS:
             a = np.asarray(arr, dtype=np.float64)
             given = ~np.isnan(a)
             bad = given & ((a < spec[0]) | (a > spec[1]))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from eartalk.model.conditions import NUMERIC_CONTROLS
 from eartalk.model.config import CONTROLS, EMOTIONS
 
 # The renderer's mouth parameters (each in [0, 1]), also taught to the audio encoder (train_gpt).
 MOUTH_GT = ("mouth_open", "mouth_width", "round", "teeth", "tongue", "tuck", "press")
-_NUMERIC = tuple(n for n, (_, _, rng) in CONTROLS.items() if n != "emotion")
+_NUMERIC = tuple(NUMERIC_CONTROLS)
 # yaw, pitch, roll, gaze_x, gaze_y, blink | emotion one-hot x intensity | mouth parameters
 STATE_DIM = len(_NUMERIC) + len(EMOTIONS) + len(MOUTH_GT)
 

@@ -167,16 +167,15 @@ class EARTalkGPT(nn.Module):
         # is the same key from the first step on instead of a pairing to learn for each of N slots.
         self.slot_emb = nn.Parameter(torch.zeros(P, d))
         self.query_emb = nn.Parameter(torch.zeros(1, d))
-        # The frame's own condition and audio tokens also reach its query slots directly (one
-        # linear map of the C + A context embeddings, added to every slot). Through attention alone
-        # they are 6 keys among ~700 (sink, window pages, previous tokens) and the model learnt to
-        # copy the previous frame long before it learnt to look at them: at step 400 of the recipe
-        # its frames did not move at all, even with every control pinned.
-        # Since 2026-12-04 each slot gets its own vector from them (a two-layer map to N x d) and no
-        # longer starts from the previous frame's token: with codes tied to the face state
-        # (tokenizer state_head) a slot's code is a function of the controls and the mouth, and
-        # the slot's own previous token was the copy path (step 1,000 of that run, slot = previous
-        # token: 0.2% of tokens changed per frame free-running against 5.8% in the ground truth).
+        # The frame's own condition and audio tokens also reach its query slots directly: one
+        # two-layer map of the C + A context embeddings to a vector per slot (N x d). Through
+        # attention alone they are 6 keys among ~700 (sink, window pages, previous tokens) and the
+        # model learnt to copy the previous frame long before it learnt to look at them: at step
+        # 400 of the recipe its frames did not move at all, even with every control pinned. Until
+        # 2026-12-04 the map was one vector added to every slot and slot i started from the
+        # previous frame's token i, the copy path (step 1,000 of that run: 0.2% of tokens changed
+        # per frame free-running against 5.8% in the ground truth); codes tied to the face state
+        # (tokenizer state_head) are a function of the controls and the mouth instead.
         self.query_cond = nn.Sequential(nn.Linear((C + A) * d, query_hidden), nn.GELU(),
                                         nn.Linear(query_hidden, N * d))
         self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))

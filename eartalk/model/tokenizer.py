@@ -292,8 +292,7 @@ class VQTokenizer(nn.Module):
                 out["state_fit"] = (pred - b.detach()).abs().mean()
                 out["state"] = (b - pred.detach()).abs().mean()
                 with torch.no_grad():
-                    lv = (self.quant._levels.view(1, -1, 1, 1) - 1).to(pred.dtype)
-                    out["state_acc"] = (torch.round(pred.clamp(0, None).minimum(lv)) == torch.round(b)).all(1).float().mean()
+                    out["state_acc"] = (self._digits(pred) == torch.round(b)).all(1).float().mean()
                 total = total + out["state_fit"] + state_weight * out["state"]
         out["loss"] = total
         return out
@@ -305,9 +304,14 @@ class VQTokenizer(nn.Module):
 
     def state_tokens(self, state: torch.Tensor) -> torch.Tensor:
         """``state [B, STATE_DIM]`` -> the tokens ``[B, N]`` the state head predicts (diagnostics)."""
-        lv = (self.quant._levels.view(1, -1, 1, 1) - 1).float()
-        digits = torch.round(self.predict_latent(state).clamp(0, None).minimum(lv)).long()
+        digits = self._digits(self.predict_latent(state)).long()
         return (digits * self.quant._basis.view(1, -1, 1, 1)).sum(1).flatten(1)
+
+    def _digits(self, latent: torch.Tensor) -> torch.Tensor:
+        """A predicted bounded latent ``[B, d, g, g]`` -> its FSQ digits (clamped to each digit's
+        levels, rounded; float): the state head's output is not squashed like the encoder's."""
+        lv = (self.quant._levels.view(1, -1, 1, 1) - 1).to(latent.dtype)
+        return torch.round(latent.clamp(0, None).minimum(lv))
 
     def codebook_usage(self) -> dict:
         """From the training-time usage EMA: ``used`` codes (usage above a tenth of uniform),

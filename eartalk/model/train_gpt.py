@@ -26,10 +26,10 @@ from eartalk.model.audio import LogMel
 from eartalk.model.bundle import ModelBundle
 from eartalk.model.conditions import controls_from_gt, encode_controls
 from eartalk.model.config import CONTROLS
+from eartalk.model.face_state import MOUTH_GT
 
-# Ground truth the synthetic corpus has per frame and the audio encoder is taught to predict
-# (``mouth_loss``): the renderer's mouth parameters and the viseme class.
-MOUTH_GT = ("mouth_open", "mouth_width", "round", "teeth", "tongue", "tuck", "press")
+# Ground truth the audio encoder is taught to predict (``mouth_loss``): the renderer's mouth
+# parameters (face_state.MOUTH_GT) and the viseme class.
 CACHED_GT = tuple(CONTROLS) + MOUTH_GT + ("viseme",)
 CACHE_VERSION = 2   # 2: mouth parameters and visemes cached too
 
@@ -220,7 +220,8 @@ def corrupt_inputs(toks: torch.Tensor, prev: torch.Tensor, corrupt: float | tupl
     of tokens given an all-portrait history (docs/model-card.md).
 
     ``plausible``: replacements are the codes at the same position in another window of the batch
-    (another clip, a random frame of it) instead of uniform random codes. Why: the tiny tokenizer
+    (another clip, a random frame of it) instead of uniform random codes (a batch of one window
+    has no other window: uniform codes then). Why: the tiny tokenizer
     uses ~74 of its 512 codes, so a uniform random code is noise the model can spot and ignore,
     then copy the true tokens around it; a plausible replacement can only be told apart by
     checking it against the controls and the audio (2026-12-04: with random codes the model still
