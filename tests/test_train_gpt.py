@@ -271,3 +271,43 @@ def test_plausible_corruption_takes_same_position_codes_of_another_window():
     assert torch.equal(prev_in, prev.roll(1, dims=0))
     rnd, _ = corrupt_inputs(toks, prev, 1.0, 4096, torch.Generator().manual_seed(0))
     assert (rnd >= 400).float().mean() > 0.8                       # uniform codes of 4096
+
+
+def test_stale_history_is_the_clips_own_frames_lagged_or_frozen():
+    """Frame i of the toy clip holds code i everywhere and the portrait code -1, so a window's
+    stale inputs spell out which frames they are: one frame s-1-k (frozen) or s+t-k (lagged)."""
+    from eartalk.model.train_gpt import stale_history
+    n, N, T, L = 40, 3, 5, 6
+    tokens = np.repeat(np.arange(n)[:, None], N, axis=1)
+    portrait = np.full(N, -1)
+    at = lambda i: min(i, n - 1) if i >= 0 else -1   # noqa: E731
+    rng = np.random.default_rng(0)
+    modes = set()
+    for _ in range(200):
+        s = int(rng.integers(0, n - T + 1))
+        inp, prev = stale_history(tokens, portrait, s, T, L, rng)
+        assert inp.shape == (T, N) and prev.shape == (N,)
+        assert (inp == inp[:, :1]).all() and (prev == prev[0]).all()   # whole frames, never mixed
+        frames = inp[:, 0]
+        if (frames == prev[0]).all():
+            k = next(k for k in range(L + 1) if at(s - 1 - k) == prev[0])
+            modes.add("frozen")
+        else:
+            k = next(k for k in range(1, L + 1) if [at(s + t - k) for t in range(T)] == frames.tolist())
+            assert prev[0] == at(s - 1 - k)
+            modes.add("lagged")
+    assert modes == {"frozen", "lagged"}
+    with pytest.raises(ValueError, match="max_lag"):
+        stale_history(tokens, portrait, 3, T, 0, rng)
+
+
+def test_stale_windows_read_the_stale_history_and_are_scored_on_their_own_frames():
+    from eartalk.model.train_gpt import gpt_loss, make_batch
+    bundle = new_bundle(preset("test"))
+    b = make_batch(bundle, _clips(bundle.cfg), 4, 5, 0.0, np.random.default_rng(0), max_lag=3)
+    assert b.stale.shape == b.tokens.shape and b.stale_prev.shape == b.prev.shape
+    with torch.no_grad():
+        logits = bundle.gpt.forward_train(b.stale, b.portrait, b.audio, b.cond, b.mask, prev_first=b.stale_prev)
+        want = F.cross_entropy(logits.flatten(0, 2), b.tokens.flatten())
+        assert float(gpt_loss(bundle, b, stale_prob=1.0)) == pytest.approx(float(want), rel=1e-6)
+        assert torch.equal(gpt_loss(bundle, b, stale_prob=0.0), gpt_loss(bundle, b))

@@ -23,7 +23,7 @@ from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_
                                      train_gpt)
 
 RECIPES = {
-    # minutes per stage; 2026-12-04 on the 2-core AVX-512 EPYC: tokenizer 25, tokenizing ~8, GPT 30 (~63 end to end); total <= 90
+    # minutes per stage; 2026-12-04 on the 2-core AVX-512 EPYC: tokenizer 25, tokenizing ~8, GPT 45 (~78 end to end); total <= 90
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
@@ -32,6 +32,8 @@ RECIPES = {
     # gpt_portrait: share of the corrupted input tokens that take the portrait's code (a frozen
     # stream's history) rather than a random one (train_gpt.corrupt_inputs). gpt_plausible: the other
     # replacements are same-position codes of another window, not uniform random codes.
+    # gpt_stale: share of training windows that read a stale history of their own clip (lagged or
+    # frozen frames, train_gpt.stale_history) instead of their true previous frames.
     # tok_self: one tokenizer sample in that many is the portrait against itself (0: none; every
     # frame sample then goes to corpus frames, which is what the transformer's targets are).
     # tok_pair: weight of the tokenizer's frame-to-frame latent term (VQTokenizer.loss pair_weight;
@@ -40,11 +42,11 @@ RECIPES = {
     # (VQTokenizer.loss state_weight; eartalk.model.face_state); 0: codes untied. tok_state_ramp:
     # the fractions of the stage over which that pull rises from 0 (train_tokenizer state_ramp).
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, tok_pair=0.1, tok_state=0.03, tok_state_ramp=(0.25, 0.5), gpt_minutes=30, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_lr=2e-3, gpt_warmup=100,
+                 tok_self=0, tok_pair=0.1, tok_state=0.03, tok_state_ramp=(0.25, 0.5), gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_lr=2e-3, gpt_warmup=100,
+                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=4, val_clips=4),
 }
 
@@ -143,7 +145,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
                             corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"],
                             start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"], change_weight=r["gpt_change"],
-                            portrait_share=r["gpt_portrait"], plausible=r["gpt_plausible"],
+                            portrait_share=r["gpt_portrait"], plausible=r["gpt_plausible"], stale_prob=r["gpt_stale"],
                             seed=seed, progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}

@@ -144,15 +144,41 @@ class Batch(NamedTuple):
     mask: torch.Tensor       # bool [B, T, C]: pinned controls
     mouth: torch.Tensor      # [B, T, len(MOUTH_GT)] ground-truth mouth parameters, NaN where unknown
     viseme: torch.Tensor     # int64 [B, T] ground-truth viseme, -1 where unknown
+    stale: torch.Tensor      # int64 [B, T, N]: the same clip's frames, lagged or frozen (``stale_history``)
+    stale_prev: torch.Tensor  # int64 [B, N]: the frame before ``stale``'s first
+
+
+def stale_history(tokens: np.ndarray, portrait: np.ndarray, s: int, T: int, max_lag: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Input tokens for a window of ``T`` frames starting at ``s`` of one clip (``tokens`` [n, N])
+    that a streaming model could have produced by falling behind: (inputs [T, N], prev [N]).
+
+    Half the windows are *frozen* (every input is the clip's frame ``s - 1 - k``, k in [0, max_lag]),
+    the others *lagged* (input t is frame ``s + t - k``, k in [1, max_lag]); frames before the clip
+    are the portrait. Why: a model that copies its previous frame, run free, reads exactly such a
+    history -- real frames of the right face in a stale state -- and the copying models of
+    2026-12-02..04 all did. Replacements from another clip (``corrupt_inputs(plausible=True)``)
+    are told apart by the identity and were learnt to be ignored, after which the model copied
+    its own (same identity) history again. Trained on stale history with current targets, the
+    model must take the state from the controls and the audio."""
+    if max_lag < 1:
+        raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+    n = len(tokens)
+    at = lambda i: tokens[min(i, n - 1)] if i >= 0 else portrait   # noqa: E731
+    if rng.random() < 0.5:
+        f = at(s - 1 - int(rng.integers(0, max_lag + 1)))
+        return np.repeat(f[None], T, axis=0), f
+    k = int(rng.integers(1, max_lag + 1))
+    return np.stack([at(s + t - k) for t in range(T)]), at(s - 1 - k)
 
 
 def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, drop_prob: float,
-               rng: np.random.Generator, start_prob: float = 0.0) -> Batch:
+               rng: np.random.Generator, start_prob: float = 0.0, max_lag: int = 16) -> Batch:
     """``batch`` windows of ``T`` frames; with probability ``start_prob`` a window starts at its
     clip's first frame, reading the portrait's tokens as its previous frame, as every stream does
     (a uniform cut starts there once in ~200 windows, and the portrait's codes are unlike any
     corpus frame's: 90% of a frame's tokens differ from them)."""
-    toks, prev, port, aud, cond, mask, mouth, vis = [], [], [], [], [], [], [], []
+    toks, prev, port, aud, cond, mask, mouth, vis, stale, stale_prev = [], [], [], [], [], [], [], [], [], []
     for _ in range(batch):
         c = data[rng.integers(len(data))]
         n = len(c.tokens)
@@ -173,7 +199,10 @@ def make_batch(bundle: ModelBundle, data: list[ClipTokens], batch: int, T: int, 
         mouth.append(torch.from_numpy(np.stack([np.asarray(g[k], np.float32)[idx] if k in g else np.full(T, np.nan, np.float32)
                                                 for k in MOUTH_GT], axis=-1)))
         vis.append(torch.from_numpy(np.asarray(g["viseme"], np.int64)[idx] if "viseme" in g else np.full(T, -1)))
-    return Batch(*(torch.stack(x) for x in (toks, prev, port, aud, cond, mask, mouth, vis)))
+        st, sp = stale_history(c.tokens, c.portrait, s, T, max_lag, rng)
+        stale.append(torch.from_numpy(st.astype(np.int64)))
+        stale_prev.append(torch.from_numpy(sp.astype(np.int64)))
+    return Batch(*(torch.stack(x) for x in (toks, prev, port, aud, cond, mask, mouth, vis, stale, stale_prev)))
 
 
 class MouthHead(nn.Module):
@@ -257,7 +286,7 @@ def corrupt_inputs(toks: torch.Tensor, prev: torch.Tensor, corrupt: float | tupl
 
 def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
              gen: torch.Generator | None = None, bf16: bool = False, change_weight: float = 1.0,
-             portrait_share: float = 0.0, plausible: bool = False) -> torch.Tensor:
+             portrait_share: float = 0.0, plausible: bool = False, stale_prob: float = 0.0) -> torch.Tensor:
     """Token cross-entropy of teacher forcing. ``corrupt``: the fraction of *input* tokens (the
     previous frames the model reads) replaced by random codes, or a range ``(lo, hi)`` from which
     each window draws its own fraction; the targets stay clean. When streaming, the model reads its
@@ -269,9 +298,16 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
     ``change_weight``: weight of the tokens that differ from the previous frame's (most tokens
     repeat, so plain CE is mostly paid for copying, and a model that only copies never animates).
     ``portrait_share``: of the corrupted inputs, the share given the portrait's code (see
-    :func:`corrupt_inputs`)."""
+    :func:`corrupt_inputs`). ``stale_prob``: the share of windows that read the batch's stale
+    history (``stale``/``stale_prev``, see :func:`stale_history`) instead of their own frames,
+    before the corruption."""
     toks, prev, port, aud, cond, mask = b[:6]
-    inp, prev_in = corrupt_inputs(toks, prev, corrupt, bundle.cfg.codebook_size, gen, port, portrait_share,
+    inp, prev_in = toks, prev
+    if stale_prob > 0:
+        use = torch.rand(toks.shape[0], generator=gen) < stale_prob
+        inp = torch.where(use[:, None, None], b.stale, toks)
+        prev_in = torch.where(use[:, None], b.stale_prev, prev)
+    inp, prev_in = corrupt_inputs(inp, prev_in, corrupt, bundle.cfg.codebook_size, gen, port, portrait_share,
                                   plausible)
     # bf16 matmuls (~1.5x a step where the CPU has AVX-512 BF16; see bf16_native); softmax and
     # the loss stay in float32
@@ -299,7 +335,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               lr: float = 1e-3, warmup: int = 200, drop_prob: float = 0.5, seed: int = 0,
               progress: bool = True, resume: bool = True, corrupt: float | tuple[float, float] = 0.1,
               bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
-              mouth_weight: float = 0.0, portrait_share: float = 0.0, plausible: bool = False) -> dict:
+              mouth_weight: float = 0.0, portrait_share: float = 0.0, plausible: bool = False,
+              stale_prob: float = 0.0) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
@@ -342,7 +379,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
         b = make_batch(bundle, train, batch, T, drop_prob, rng, start_prob)
-        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible)
+        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob)
         if mouth_weight > 0:
             aux = mouth_loss(head, b)
             hist["mouth"].append(aux.item())
