@@ -7,8 +7,13 @@ builds read as the precision of each tensor. Choices made for TensorRT and why:
 
 - symmetric int8 activations and weights (TensorRT supports zero-point 0 only), weights
   per output channel; biases stay float (TensorRT fuses them, int32 bias Q/DQ is not needed);
-- only compute-heavy ops are quantized (``MatMul``, ``Gemm``, ``Conv``): that is where int8
-  pays; norms, softmax and the data movement around them stay fp32;
+- only compute-heavy ops with a weight are quantized (``MatMul``, ``Gemm``, ``Conv`` reading an
+  initializer): that is where int8 pays; norms, softmax and the data movement around them stay
+  fp32, and so do the attention products of two activations (queries against the KV cache):
+  quantizing those re-quantizes the whole cache (S = 1,206 rows per layer in ``tiny``) every frame,
+  and on this CPU the QuantizeLinear/DequantizeLinear of the cache cost more than the int8 matmul
+  saved (``activations=True`` quantizes them anyway; TensorRT keeps attention in higher precision
+  too unless told otherwise);
 - FP8 only with onnxruntime's ``Distribution`` calibration (what it supports for e4m3), and never
   for a target below compute capability 8.9 (Orin is 8.7): refused with :class:`PrecisionUnsupported`.
 
@@ -264,14 +269,23 @@ class GraphResult:
     quantized_nodes: int = 0
     candidate_nodes: int = 0
     rewired_outputs: list[str] = field(default_factory=list)
+    activation_nodes: list[str] = field(default_factory=list)   # of two activations: kept fp32
     per_channel: bool = True
     seconds: float = 0.0
 
 
+def weighted(model, nodes: list) -> list:
+    """The ``nodes`` that read a weight (an initializer or a Constant), not two activations."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n for n in nodes if any(i in consts for i in n.input)]
+
+
 def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, method: str, *,
                    gates: dict | None = None, max_rounds: int = 4, exclude_fraction: float = 0.15,
-                   op_types: tuple[str, ...] = QUANT_OP_TYPES, log=None) -> GraphResult:
-    """Quantize one graph with the gate loop of the module docstring; writes ``dst``."""
+                   op_types: tuple[str, ...] = QUANT_OP_TYPES, activations: bool = False, log=None) -> GraphResult:
+    """Quantize one graph with the gate loop of the module docstring; writes ``dst``.
+    ``activations``: also quantize the ``op_types`` nodes of two activations (see the docstring)."""
     import onnx
     t0 = time.perf_counter()
     kind = calib.kind
@@ -280,8 +294,11 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
     cal_idx = [i for i in range(n) if i not in held] or list(range(n))
     cal_feeds, gate_feeds = calib.feeds(cal_idx), calib.feeds(held)
     fp32 = onnx.load(str(src))
-    candidates = [nd for nd in fp32.graph.node if nd.op_type in op_types]
-    names = [nd.name for nd in candidates]
+    ops = [nd for nd in fp32.graph.node if nd.op_type in op_types]
+    candidates = ops if activations else weighted(fp32, ops)
+    chosen = {nd.name for nd in candidates}
+    kept = [nd.name for nd in ops if nd.name not in chosen]     # never quantized: not the gate's doing
+    names = [nd.name for nd in ops]
     if len(set(names)) != len(names) or not all(names):
         raise RuntimeError(f"{src}: quantizable nodes need unique names for nodes_to_exclude")
     ref = _run(_session(src), gate_feeds)
@@ -292,13 +309,13 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
     for r in range(max_rounds + 1):
         ex = [e["node"] for e in excluded]
         try:
-            _ort_quantize(src, dst, cal_feeds, precision, method, ex, op_types, per_channel)
+            _ort_quantize(src, dst, cal_feeds, precision, method, ex + kept, op_types, per_channel)
         except Exception as e:
             if not (per_channel and precision == "fp8"):
                 raise RuntimeError(f"{src}: onnxruntime quantize_static failed ({precision}, {method}): {e}") from e
             per_channel = False        # FP8 weights per tensor: onnxruntime's per-channel FP8 path can fail
             try:
-                _ort_quantize(src, dst, cal_feeds, precision, method, ex, op_types, per_channel)
+                _ort_quantize(src, dst, cal_feeds, precision, method, ex + kept, op_types, per_channel)
             except Exception as e2:    # e.g. an all-zero weight (zero-initialised layer): scale 0 -> NaN
                 raise RuntimeError(f"{src}: onnxruntime quantize_static failed for {precision} per channel ({e}) "
                                    f"and per tensor ({e2})") from e2
@@ -322,7 +339,7 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
     onnx.save(q, str(dst))
     return GraphResult(kind, dst.name, metrics, gates[kind], not bad, excluded, rounds,
                        quantized_nodes=len(candidates) - len(excluded), candidate_nodes=len(candidates),
-                       rewired_outputs=rewired, per_channel=per_channel, seconds=round(time.perf_counter() - t0, 1))
+                       rewired_outputs=rewired, activation_nodes=kept, per_channel=per_channel, seconds=round(time.perf_counter() - t0, 1))
 
 
 # ------------------------------------------------------------------ the folder
@@ -334,13 +351,15 @@ def _copy_fp32(onnx_dir: Path, out: Path, manifest: dict) -> None:
 
 
 def quantize(onnx_dir, calib_dir, precision: str, out=None, *, method: str | None = None, target_sm=None,
-             graphs: tuple[str, ...] = GRAPHS, gates: dict | None = None, max_rounds: int = 4, log=None) -> dict:
+             graphs: tuple[str, ...] = GRAPHS, gates: dict | None = None, max_rounds: int = 4,
+             activations: bool = False, log=None) -> dict:
     """Quantize ``graphs`` of ``onnx_dir`` (``eartalk export onnx``) to ``precision`` with the
     recordings of ``calib_dir`` (``eartalk calibrate record``); -> the manifest's quantized entry.
 
     ``out`` (default ``onnx_dir``) becomes a complete ONNX folder. ``method``: entropy (int8
     default), percentile, minmax; fp8 calibrates with ``distribution`` (onnxruntime's only FP8
     method). ``target_sm``: the compute capability the artifact is for (fp8 needs >= 89).
+    ``activations``: also quantize the attention products of two activations (module docstring).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
@@ -373,7 +392,8 @@ def quantize(onnx_dir, calib_dir, precision: str, out=None, *, method: str | Non
         entry = manifest["files"][kind]
         src = out / entry["file"]
         dst = out / f"{kind}.{precision}.onnx"
-        res = quantize_graph(src, dst, sets[kind], precision, method, gates=gates, max_rounds=max_rounds, log=log)
+        res = quantize_graph(src, dst, sets[kind], precision, method, gates=gates, max_rounds=max_rounds,
+                             activations=activations, log=log)
         import onnx
         q = onnx.load(str(dst))
         if outputs_from_dequantize(q):     # the invariant the rewrite guarantees: checked, not assumed
@@ -394,7 +414,8 @@ def quantize(onnx_dir, calib_dir, precision: str, out=None, *, method: str | Non
                          "source": entry["file"], "inputs": entry["inputs"], "outputs": entry["outputs"],
                          **info, "excluded": res.excluded, "rounds": res.rounds,
                          "quantized_nodes": res.quantized_nodes, "candidate_nodes": res.candidate_nodes,
-                         "rewired_outputs": res.rewired_outputs, "seconds": res.seconds}
+                         "rewired_outputs": res.rewired_outputs, "activation_nodes_fp32": res.activation_nodes,
+                         "seconds": res.seconds}
     manifest = md.read_manifest(out)
     q = manifest.setdefault("quantized", {})
     q[precision] = {**q.get(precision, {}), **results}

@@ -188,3 +188,29 @@ def test_stale_calibration_data_is_refused(setup, tmp_path):
     (stale / "card.json").write_text(json.dumps(card))
     with pytest.raises(CalibrationDataError, match="another model config"):
         quantize(onnx_dir, stale, "int8", tmp_path / "out")
+
+
+def _reads_dequantized(m, name):
+    node = {n.name: n for n in m.graph.node}[name]
+    producer = {o: n.op_type for n in m.graph.node for o in n.output}
+    return any(producer.get(i) == "DequantizeLinear" for i in node.input)
+
+
+def test_attention_products_stay_fp32_unless_asked(setup, int8, tmp_path):
+    """By default only ops with a weight are quantized: the matmuls of two activations (queries
+    against the KV cache) are listed and read float inputs; ``activations=True`` quantizes them."""
+    _, onnx_dir, calib = setup
+    out, entries = int8
+    src = onnx.load(str(onnx_dir / "step.onnx"))
+    inits = {t.name for t in src.graph.initializer}
+    act = [n.name for n in src.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)]
+    assert act and entries["step"]["activation_nodes_fp32"] == act
+    q = onnx.load(str(out / "step.int8.onnx"))
+    assert not any(_reads_dequantized(q, name) for name in act)
+    weighted = [n.name for n in src.graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+    kept = set(entries["step"]["excluded_nodes"])
+    assert any(_reads_dequantized(q, name) for name in weighted if name not in kept)
+    e = quantize(onnx_dir, calib, "int8", tmp_path / "all", graphs=("step",), max_rounds=0, activations=True)["step"]
+    assert e["activation_nodes_fp32"] == []
+    qa = onnx.load(str(tmp_path / "all" / "step.int8.onnx"))
+    assert any(_reads_dequantized(qa, name) for name in act)

@@ -53,6 +53,10 @@ def add_arguments(p):
     q.add_argument("--target-sm", default=None, help="compute capability of the target, e.g. 87 (Orin), 89 (Ada)")
     q.add_argument("--graphs", default="step,tokenizer_decode", help="graphs to quantize (default step,tokenizer_decode)")
     q.add_argument("--max-rounds", type=int, default=4, help="accuracy-gate rounds excluding nodes (default 4)")
+    q.add_argument("--attention", action="store_true",
+                   help="also quantize the attention matmuls of two activations (queries x KV cache); "
+                        "default: only ops with weights, since re-quantizing the cache every frame costs "
+                        "more than it saves on CPU")
 
     a = sub.add_parser("report", help="accuracy of a quantized folder against its fp32 graphs")
     a.add_argument("--onnx", required=True, type=Path, help="folder with the quantized graphs")
@@ -78,6 +82,7 @@ def run(args) -> int:
     if args.action == "quantize":
         from eartalk.calibration.quantize import quantize
         res = quantize(args.onnx, args.calib, args.precision, args.out, method=args.method, target_sm=args.target_sm,
+                       activations=args.attention,
                        graphs=tuple(g for g in args.graphs.split(",") if g), max_rounds=args.max_rounds,
                        log=lambda m: print(m, file=sys.stderr))
         failed = []
