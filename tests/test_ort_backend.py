@@ -139,3 +139,32 @@ def test_open_session_through_onnxruntime_matches_torch(bundle, onnx_dir):
     # test_backend_parity_500_frames; here a token going astray would show as large differences.
     diff = np.abs(out["torch"].astype(int) - out["onnxruntime"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (int(diff.max()), int((diff > 0).sum()))
+
+
+def _shipped_tiny():
+    from eartalk.model.bundle import CARD, WEIGHTS, resolve
+    d = resolve("tiny")
+    return (d / CARD).exists() and (d / WEIGHTS).exists()
+
+
+@pytest.mark.skipif(not _shipped_tiny(), reason="no shipped default model (eartalk/assets/models/tiny) in this checkout")
+def test_default_model_parity_500_frames(tmp_path):
+    """The issue's parity on the shipped model itself: rendered portrait and eSpeak speech, 500
+    frames, logits within 1e-4, identical tokens and identical uint8 frames."""
+    from eartalk.export.compare import demo_portrait, speech_pcm
+    from eartalk.runtime.backend import to_uint8_frames
+    b = load_model("tiny")
+    export_onnx(b.cfg, b.gpt, b.tokenizer, b.audio, tmp_path, model_name="tiny", weights_hash=bundle_hash(b))
+    T = 500
+    pcm, portrait = speech_pcm(seconds=T / b.cfg.fps), demo_portrait(b.cfg, seed=3)
+    torch_b, ort_b = TorchBackend(b), OrtBackend.from_bundle(tmp_path, b)
+    a = run_stream(BackendGraphs(torch_b), b.cfg, torch_b.receptive_field, T, pcm=pcm, portrait=portrait)
+    o = run_stream(BackendGraphs(ort_b), b.cfg, ort_b.receptive_field, T, pcm=pcm, portrait=portrait)
+    assert float(np.abs(a["logits"] - o["logits"]).max()) <= 1e-4
+    assert np.array_equal(a["tokens"], o["tokens"])
+    assert (a["tokens"][1:] != a["tokens"][:-1]).any()      # the model moves: not a frozen stream
+    # The decoders' float outputs differ by ~4e-5 (kernel summation order), so a few uint8 values
+    # round the other way: measured 2026-12-04, ~0.01% of values, by 1. Bit-identical frames are
+    # not reached (issue 5 stays open on that point); more than one level would be a real bug.
+    fa, fo = to_uint8_frames(a["images"]).astype(int), to_uint8_frames(o["images"]).astype(int)
+    assert np.abs(fa - fo).max() <= 1 and (fa != fo).mean() < 1e-3
