@@ -11,9 +11,9 @@ builds read as the precision of each tensor. Choices made for TensorRT and why:
   initializer): that is where int8 pays; norms, softmax and the data movement around them stay
   fp32, and so do the attention products of two activations (queries against the KV cache):
   quantizing those re-quantizes the whole cache (S = 1,206 rows per layer in ``tiny``) every frame,
-  and on this CPU the QuantizeLinear/DequantizeLinear of the cache cost more than the int8 matmul
-  saved (``activations=True`` quantizes them anyway; TensorRT keeps attention in higher precision
-  too unless told otherwise);
+  and on this CPU that costs more than the int8 matmul saves (``bench/quant.py`` on tiny,
+  2026-12-04, same run: step 0.92x fp32 with them quantized, 0.97x without; ``activations=True``
+  quantizes them anyway);
 - FP8 only with onnxruntime's ``Distribution`` calibration (what it supports for e4m3), and never
   for a target below compute capability 8.9 (Orin is 8.7): refused with :class:`PrecisionUnsupported`.
 
