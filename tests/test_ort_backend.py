@@ -10,7 +10,7 @@ import pytest
 from eartalk.export import metadata as md
 from eartalk.export.compare import BackendGraphs, bundle_hash, run_stream, synthetic_pcm
 from eartalk.export.onnx_export import export_onnx
-from eartalk.runtime.model_loader import load_model
+from eartalk.runtime.model_loader import is_trained, load_model
 from eartalk.runtime.ort_backend import OrtBackend, provider_list
 from eartalk.runtime.torch_backend import TorchBackend
 
@@ -141,13 +141,7 @@ def test_open_session_through_onnxruntime_matches_torch(bundle, onnx_dir):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (int(diff.max()), int((diff > 0).sum()))
 
 
-def _shipped_tiny():
-    from eartalk.model.bundle import CARD, WEIGHTS, resolve
-    d = resolve("tiny")
-    return (d / CARD).exists() and (d / WEIGHTS).exists()
-
-
-@pytest.mark.skipif(not _shipped_tiny(), reason="no shipped default model (eartalk/assets/models/tiny) in this checkout")
+@pytest.mark.skipif(not is_trained("tiny"), reason="no shipped default model (eartalk/assets/models/tiny) in this checkout")
 def test_default_model_parity_500_frames(tmp_path):
     """The issue's parity on the shipped model itself: rendered portrait and eSpeak speech, 500
     frames, logits within 1e-4, identical tokens and identical uint8 frames."""
