@@ -9,7 +9,11 @@ What is measured, and on which inputs:
 - **decoder PSNR (same tokens)**: the quantized decoder decodes the fp32 tokens; PSNR of its uint8
   frames against fp32's.
 - **stream PSNR (free-running)**: the quantized graphs run a stream on their own (their tokens
-  feed their own cache); PSNR of its frames against the fp32 stream's. Divergence compounds here.
+  feed their own cache); PSNR of its frames against the fp32 stream's. Reported, not gated: the
+  targets are per artifact on the same inputs (token agreement for the step graph, decoder PSNR
+  for the decoder). Free-running, the first differing token makes the two streams different
+  samples of the model from then on, whatever the precision; that effect is what lip-sync and
+  drift (below) judge.
 - **lip-sync**: the probe's mouth openness against the clip's ground truth (Pearson r), fp32
   stream vs quantized stream (controls free, as ``eartalk eval``); delta relative to fp32.
 - **identity drift**: ``eartalk eval``'s drift over ``frames_drift`` frames (2,000 by default) of
@@ -164,7 +168,6 @@ def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", ra
     targets = {
         "token_agreement": {"target": f">= {TARGETS['token_agreement']}", "met": agreement >= TARGETS["token_agreement"]},
         "decoder_psnr_db": {"target": f">= {TARGETS['psnr_db']}", "met": dec_psnr >= TARGETS["psnr_db"]},
-        "stream_psnr_db": {"target": f">= {TARGETS['psnr_db']}", "met": metrics["stream_psnr_db"] >= TARGETS["psnr_db"]},
         "lipsync_rel_delta": {"target": f"<= {TARGETS['lipsync_rel_delta']}",
                               "met": bool(math.isfinite(rel) and rel <= TARGETS["lipsync_rel_delta"])},
     }
@@ -176,7 +179,7 @@ def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", ra
         "model": str(model), "random_init": bool(random_init), "weights_sha256": fp.weights_hash,
         "data": str(data), "split": split, "clips": per_clip, "frames": len(shadow.agree),
         "frames_drift": frames_drift if drift else 0, "metrics": metrics, "targets": targets,
-        "artifacts": {k: {kk: v.get(kk) for kk in ("file", "sha256", "method", "excluded_nodes", "gate_passed",
+        "artifacts": {k: {kk: v.get(kk) for kk in ("file", "sha256", "method", "excluded_nodes", "head_nodes_fp32", "gate_passed",
                                                   "quantized_nodes", "candidate_nodes", "min_compute_capability")}
                       for k, v in qinfo.items()},
         "excluded_nodes": {k: v.get("excluded", []) for k, v in qinfo.items()},
@@ -229,7 +232,7 @@ def format_markdown(r: dict) -> str:
             ("K/V relative error (mean / max)", f"{_fmt(m['kv_rel_error_mean'], '.3g')} / {_fmt(m['kv_rel_error_max'], '.3g')}", None),
             ("logits SQNR dB (mean)", _fmt(m["logits_sqnr_db_mean"], ".1f"), None),
             ("decoder PSNR dB (same tokens)", _fmt(m["decoder_psnr_db"], ".2f"), t["decoder_psnr_db"]),
-            ("stream PSNR dB (free-running)", _fmt(m["stream_psnr_db"], ".2f"), t["stream_psnr_db"]),
+            ("stream PSNR dB (free-running; reported, not gated)", _fmt(m["stream_psnr_db"], ".2f"), None),
             (f"lip-sync r fp32 / {p}", f"{_fmt(m['lipsync_r_fp32'], '.3f')} / {_fmt(m[f'lipsync_r_{p}'], '.3f')}", None),
             ("lip-sync relative delta", _fmt(m["lipsync_rel_delta"], ".3f"), t["lipsync_rel_delta"])]
     if "drift_slope_fp32" in m:
@@ -243,6 +246,9 @@ def format_markdown(r: dict) -> str:
         lines.append(f"| {name} | {val} | {tg['target'] if tg else ''} | {('yes' if tg['met'] else 'NO') if tg else ''} |")
     ex = {k: [e["node"] for e in v] for k, v in r["excluded_nodes"].items()}
     lines += ["", "Kept in fp32 by the accuracy gate: " + ("; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in ex.items()) or "none")]
+    heads = [n for a in r.get("artifacts", {}).values() for n in (a.get("head_nodes_fp32") or [])]
+    if heads:
+        lines += ["", f"Kept in fp32 by design: the logits head ({', '.join(heads)})"]
     lines += [f"- {n}" for n in r["notes"][:1]]
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,11 @@ through the streaming runtime:
 The **ceiling** is the same metrics computed by the probe on the ground-truth renders themselves
 (PSNR/SSIM of the renders against themselves are inf / 1; for drift, the clip's own frames looped):
 what a perfect model would score with this instrument.
+
+The **tokenizer ceiling** (torch backend only: it needs the tokenizer's encoder, which the runtime's
+graphs do not carry) is the probe on the ground-truth frames passed through the model's own
+tokenizer (encoded against the clip's portrait, decoded): what a transformer that predicted every
+token right would score. Model close to it: the tokenizer limits; far below it: the transformer.
 """
 from __future__ import annotations
 
@@ -143,6 +148,21 @@ def _probe(probe, frames) -> dict:
     return predict(probe, fit_size(np.asarray(frames), probe.cfg.image_size), batch=64)
 
 
+def _reconstruct(tokenizer, frames: np.ndarray, portrait: np.ndarray, batch: int = 64) -> np.ndarray:
+    """uint8 frames [T,S,S,3] through ``tokenizer`` against ``portrait`` [S,S,3] -> uint8 [T,S,S,3]."""
+    import torch
+    from eartalk.runtime.backend import to_uint8_frames
+    chw = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3)))  # noqa: E731
+    p = chw(portrait)[None]
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            x = chw(frames[i:i + batch])
+            pp = p.expand(len(x), -1, -1, -1)
+            out.append(to_uint8_frames(tokenizer.decode(tokenizer.encode(x, pp), tokenizer.reference(pp)).numpy()))
+    return np.concatenate(out) if out else np.zeros_like(frames)
+
+
 def _cat(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -242,6 +262,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     t0 = time.perf_counter()
     pinned, free, truth, labels, per_clip = [], [], [], [], []
     psnrs, ssims = [], []
+    tokenizer = getattr(getattr(backend, "bundle", None), "tokenizer", None)
+    recon, r_psnrs, r_ssims = [], [], []
     first = None
     try:
         for cid in tqdm(ids, desc=f"eval {split}", unit="clip", disable=not progress, file=sys.stderr):
@@ -264,6 +286,11 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
             lab["first"] = (np.arange(m) == 0).astype(np.int64)
             p_pin, p_free, p_gt = _probe(probe, gen_pinned[:m]), _probe(probe, gen_free[:m]), _probe(probe, gt_frames[:m])
             pinned.append(p_pin), free.append(p_free), truth.append(p_gt), labels.append(lab)
+            if tokenizer is not None:
+                rec = _reconstruct(tokenizer, gt_frames[:m], portrait)
+                recon.append(_probe(probe, rec))
+                r_psnrs += [psnr(a, b) for a, b in zip(rec, gt_frames)]
+                r_ssims += [ssim(a, b) for a, b in zip(rec, gt_frames)]
             psnrs += c_psnr[:m]
             ssims += c_ssim[:m]
             per_clip.append({"clip": cid, "frames": m, "psnr_db": _mean_psnr(c_psnr[:m]), "ssim": float(np.mean(c_ssim[:m])),
@@ -284,6 +311,11 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                **_lipsync_metrics(G, lab), **_control_metrics(G, lab),
                "drift_slope_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
                "drift_ratio": drift["ceiling"]["ratio"]}
+    tok_ceiling = None
+    if recon:       # same lab: pinned and free metrics alike come from the reconstructed truth
+        R = _cat(recon)
+        tok_ceiling = {"psnr_db": _mean_psnr(r_psnrs), "ssim": float(np.mean(r_ssims)),
+                       **_lipsync_metrics(R, lab), **_control_metrics(R, lab)}
     plot = out.with_name(out.stem + ".drift.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot_drift(drift, plot)
@@ -292,7 +324,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
         "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
         "backend": type(backend).__name__, "precision": getattr(backend, "precision", "fp32"),
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
-        "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling, "per_clip": per_clip,
+        "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
+        "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,
         "drift": {**drift, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
         "notes": ["ceiling = the same probe on the ground-truth renders (psnr/ssim of the renders with "
                   "themselves: inf / 1); control metrics from the pinned run, lip-sync from the free run",
@@ -356,7 +389,9 @@ def format_table(report: dict) -> str:
     lines = [f"eval of {report['model']} on {report['data']} [{report['split']}]: {len(report['clips'])} clips, "
              f"{report['frames']} frames; drift on {d['clip']} over {d['frames']} frames "
              f"(ratio = dist({d['ratio_frames'][0]}) / dist({d['ratio_frames'][1]}))",
-             f"{'metric':<44} {'model':>10} {'ceiling':>10}"]
+             f"{'metric':<44} {'model':>10} {'tokenizer':>10} {'ceiling':>10}"]
+    tok = report.get("tokenizer_ceiling") or {}
     for key, label, spec in ROWS:
-        lines.append(f"{label:<44} {fmt(report['metrics'].get(key), spec):>10} {fmt(report['ceiling'].get(key), spec):>10}")
+        lines.append(f"{label:<44} {fmt(report['metrics'].get(key), spec):>10} {fmt(tok.get(key), spec):>10} "
+                     f"{fmt(report['ceiling'].get(key), spec):>10}")
     return "\n".join(lines)

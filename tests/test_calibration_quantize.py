@@ -214,3 +214,49 @@ def test_attention_products_stay_fp32_unless_asked(setup, int8, tmp_path):
     assert e["activation_nodes_fp32"] == []
     qa = onnx.load(str(tmp_path / "all" / "step.int8.onnx"))
     assert any(_reads_dequantized(qa, name) for name in act)
+
+
+def test_head_nodes_golden_on_a_toy_graph():
+    """The walk stops at the first matmul on each path back from the output, whatever lies between."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="body"),
+             helper.make_node("MatMul", ["h", "w"], ["a"], name="head"),
+             helper.make_node("Transpose", ["a"], ["t"], name="tr"),
+             helper.make_node("MatMul", ["x", "w"], ["b"], name="bias_path"),
+             helper.make_node("Add", ["t", "b"], ["logits"], name="add")]
+    g = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 4])], [w])
+    from eartalk.calibration.quantize import head_nodes
+    m = helper.make_model(g)
+    assert sorted(head_nodes(m)) == ["bias_path", "head"]
+    assert head_nodes(m, "missing") == []
+
+
+def test_logits_head_stays_fp32_unless_asked(setup, int8, tmp_path):
+    """The matmul that makes the logits reads float inputs by default and is named in the manifest;
+    ``quantize_head=True`` quantizes it."""
+    from eartalk.calibration.quantize import head_nodes
+    _, onnx_dir, calib = setup
+    out, entries = int8
+    src = onnx.load(str(onnx_dir / "step.onnx"))
+    head = head_nodes(src)
+    assert len(head) == 1 and entries["step"]["head_nodes_fp32"] == head
+    assert entries["tokenizer_decode"]["head_nodes_fp32"] == []
+    assert not _reads_dequantized(onnx.load(str(out / "step.int8.onnx")), head[0])
+    e = quantize(onnx_dir, calib, "int8", tmp_path / "h", graphs=("step",), max_rounds=0, quantize_head=True)["step"]
+    assert e["head_nodes_fp32"] == []
+    assert _reads_dequantized(onnx.load(str(tmp_path / "h" / "step.int8.onnx")), head[0])
+
+
+def test_qdq_sits_on_inputs_only(int8):
+    """Q/DQ on a quantized op's inputs, never on its output (TensorRT's placement): in these
+    graphs no quantized op feeds a QuantizeLinear directly, so its result stays float."""
+    out, _ = int8
+    for kind in ("step", "tokenizer_decode"):
+        m = onnx.load(str(out / f"{kind}.int8.onnx"))
+        producer = {o: n for n in m.graph.node for o in n.output}
+        quantized = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and _reads_dequantized(m, n.name)]
+        assert quantized
+        requant = [n.name for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in producer
+                   and producer[n.input[0]].op_type in ("MatMul", "Gemm", "Conv")]
+        assert requant == [], kind

@@ -118,6 +118,30 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert rep["ceiling"]["yaw_mae_deg"] == pytest.approx(np.mean(np.abs(p["yaw"] - gt["yaw"])), rel=1e-5)
     assert rep["ceiling"]["emotion_accuracy"] == pytest.approx(np.mean(p["emotion"] == gt["emotion"]))
 
+    # the tokenizer ceiling: the same probe on the truth encoded and decoded by the bundle's tokenizer
+    from eartalk.model.bundle import load_bundle
+    from eartalk.model.train_gpt import clip_portrait
+    tok = load_bundle(bundle).tokenizer.eval()
+    S = tok.S
+    rec, ps = [], []
+    with torch.no_grad():
+        for c in ids:
+            clip = load_clip(d, c)
+            f = fit_size(np.asarray(clip.frames), S)
+            x = torch.from_numpy(f).permute(0, 3, 1, 2)
+            pp = torch.from_numpy(clip_portrait(clip, S)).permute(2, 0, 1)[None].expand(len(x), -1, -1, -1)
+            y = tok.decode(tok.encode(x, pp), tok.reference(pp)).numpy()
+            y = np.floor(np.clip(y, 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.uint8).transpose(0, 2, 3, 1)
+            rec.append(y)
+            ps += [psnr(a, b) for a, b in zip(y, f)]
+    q = predict(probe, fit_size(np.concatenate(rec), probe.cfg.image_size))
+    tc = rep["tokenizer_ceiling"]
+    assert keys - {"drift_slope_per_1000_frames", "drift_ratio"} <= set(tc)
+    assert tc["psnr_db"] == pytest.approx(np.mean(ps), rel=1e-6)
+    assert tc["viseme_accuracy"] == pytest.approx(np.mean(q["viseme"] == gt["viseme"]))
+    assert tc["emotion_accuracy"] == pytest.approx(np.mean(q["emotion"] == gt["emotion"]))
+    assert "tokenizer" in printed
+
 
 def test_eval_errors_are_clear(corpus, tmp_path, capsys):
     d, _ = corpus

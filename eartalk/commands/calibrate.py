@@ -58,6 +58,9 @@ def add_arguments(p):
                    help="also quantize the attention matmuls of two activations (queries x KV cache); "
                         "default: only ops with weights, since re-quantizing the cache every frame costs "
                         "more than it saves on CPU")
+    q.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the step graph's logits head (default: kept fp32, as LLM quantizers "
+                        "keep lm_head: its int8 input decides the argmax among near-tied codes)")
 
     a = sub.add_parser("report", help="accuracy of a quantized folder against its fp32 graphs")
     a.add_argument("--onnx", required=True, type=Path, help="folder with the quantized graphs")
@@ -83,14 +86,15 @@ def run(args) -> int:
     if args.action == "quantize":
         from eartalk.calibration.quantize import quantize
         res = quantize(args.onnx, args.calib, args.precision, args.out, method=args.method, target_sm=args.target_sm,
-                       activations=args.attention,
+                       activations=args.attention, quantize_head=args.quantize_head,
                        graphs=tuple(g for g in args.graphs.split(",") if g), max_rounds=args.max_rounds,
                        log=lambda m: print(m, file=sys.stderr))
         failed = []
         for kind, e in res.items():
             print(f"{e['file']}: {e['quantized_nodes']}/{e['candidate_nodes']} nodes {args.precision}, metrics "
                   f"{json.dumps({k: round(v, 4) for k, v in e['metrics'].items()})}, gate "
-                  f"{'passed' if e['gate_passed'] else 'FAILED'}; kept fp32: {', '.join(e['excluded_nodes']) or 'none'}")
+                  f"{'passed' if e['gate_passed'] else 'FAILED'}; kept fp32 by the gate: {', '.join(e['excluded_nodes']) or 'none'}"
+                  + (f"; logits head fp32: {', '.join(e['head_nodes_fp32'])}" if e.get("head_nodes_fp32") else ""))
             if not e["gate_passed"]:
                 failed.append(kind)
         if failed:
