@@ -19,13 +19,13 @@ builds read as the precision of each tensor. Choices made for TensorRT and why:
   and on this CPU that costs more than the int8 matmul saves (``bench/quant.py`` on tiny,
   2026-12-04, same run: step 0.92x fp32 with them quantized, 0.97x without; ``activations=True``
   quantizes them anyway);
-- the logits head (the matmuls that feed the ``logits`` output through data movement and adds
-  only, :func:`head_nodes`) stays fp32, as LLM quantizers keep ``lm_head`` (modelopt's default
-  configs disable it): its per-tensor int8 input decides the argmax of 512 near-tied codes.
-  Measured on tiny (2026-12-04, 48 held-out recorded steps, entropy, Q/DQ on outputs too): token
-  agreement 97.6% with the head int8, 99.2% with it fp32 (logits SQNR 38.7 -> 41.3 dB); on the
-  test split's stream 96.8% -> 99.1%; the price is one 128x512 matmul in fp32.
-  ``quantize_head=True`` quantizes it anyway;
+- the output heads stay fp32 (:func:`head_nodes`: the ops nearest to the graph's output, through
+  data movement and elementwise ops only): the step graph's logits head, as LLM quantizers keep
+  ``lm_head`` (modelopt's default configs disable it), since its int8 input decides the argmax among
+  near-tied codes; the decoder's pixel head and its two flow convs, whose error moves or repaints
+  every pixel. Measured on tiny (2026-12-04, held-out recorded samples): step token agreement
+  97.6% -> 99.2% (test split stream: 96.8% -> 99.1%; Q/DQ on outputs too at the time); decoder
+  PSNR 43.0 -> 47.1 dB. The price is 4 small ops in fp32; ``quantize_head=True`` quantizes them;
 - FP8 only with onnxruntime's ``Distribution`` calibration (what it supports for e4m3), and never
   for a target below compute capability 8.9 (Orin is 8.7): refused with :class:`PrecisionUnsupported`.
 
@@ -76,6 +76,7 @@ GRAPHS = ("step", "tokenizer_decode")
 INT8_METHOD = {"step": "entropy", "tokenizer_decode": "percentile"}   # when no method is given
 # The accuracy gate per graph (the issue's targets for the whole stream, applied per graph)
 GATES = {"step": {"token_agreement": 0.97, "kv_rel_error": 0.05}, "tokenizer_decode": {"psnr_db": 35.0}}
+HEAD_OUTPUT = {"step": "logits", "tokenizer_decode": "images"}   # the output each graph's heads write
 SQNR_CAP = 120.0             # dB; identical tensors would be +inf
 
 
@@ -284,7 +285,7 @@ class GraphResult:
     candidate_nodes: int = 0
     rewired_outputs: list[str] = field(default_factory=list)
     activation_nodes: list[str] = field(default_factory=list)   # of two activations: kept fp32
-    head_nodes: list[str] = field(default_factory=list)         # the logits head: kept fp32
+    head_nodes: list[str] = field(default_factory=list)         # the output heads: kept fp32
     per_channel: bool = True
     seconds: float = 0.0
 
@@ -320,7 +321,7 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
                    quantize_head: bool = False, log=None) -> GraphResult:
     """Quantize one graph with the gate loop of the module docstring; writes ``dst``.
     ``activations``: also quantize the ``op_types`` nodes of two activations; ``quantize_head``:
-    also the step graph's logits head (see the docstring)."""
+    also the output heads (:data:`HEAD_OUTPUT`; see the docstring)."""
     import onnx
     t0 = time.perf_counter()
     kind = calib.kind
@@ -331,7 +332,7 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
     fp32 = onnx.load(str(src))
     ops = [nd for nd in fp32.graph.node if nd.op_type in op_types]
     candidates = ops if activations else weighted(fp32, ops)
-    head = [] if quantize_head or kind != "step" else head_nodes(fp32, "logits", op_types)
+    head = [] if quantize_head else head_nodes(fp32, HEAD_OUTPUT[kind], op_types)
     candidates = [nd for nd in candidates if nd.name not in head]
     chosen = {nd.name for nd in candidates} | set(head)
     kept = [nd.name for nd in ops if nd.name not in chosen]     # never quantized: not the gate's doing
@@ -399,7 +400,7 @@ def quantize(onnx_dir, calib_dir, precision: str, out=None, *, method: str | Non
     minmax (int8 default: ``INT8_METHOD``, per graph); fp8 calibrates with ``distribution`` (onnxruntime's only FP8
     method). ``target_sm``: the compute capability the artifact is for (fp8 needs >= 89).
     ``activations``: also quantize the attention products of two activations; ``quantize_head``:
-    also the step graph's logits head (both: module docstring).
+    also the output heads (both: module docstring).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")

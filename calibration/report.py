@@ -246,9 +246,9 @@ def format_markdown(r: dict) -> str:
         lines.append(f"| {name} | {val} | {tg['target'] if tg else ''} | {('yes' if tg['met'] else 'NO') if tg else ''} |")
     ex = {k: [e["node"] for e in v] for k, v in r["excluded_nodes"].items()}
     lines += ["", "Kept in fp32 by the accuracy gate: " + ("; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in ex.items()) or "none")]
-    heads = [n for a in r.get("artifacts", {}).values() for n in (a.get("head_nodes_fp32") or [])]
+    heads = {k: a.get("head_nodes_fp32") for k, a in r.get("artifacts", {}).items() if a.get("head_nodes_fp32")}
     if heads:
-        lines += ["", f"Kept in fp32 by design: the logits head ({', '.join(heads)})"]
+        lines += ["", "Kept in fp32 by design, the output heads: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in heads.items())]
     lines += [f"- {n}" for n in r["notes"][:1]]
     return "\n".join(lines) + "\n"
 

@@ -232,17 +232,24 @@ def test_head_nodes_golden_on_a_toy_graph():
     assert head_nodes(m, "missing") == []
 
 
-def test_logits_head_stays_fp32_unless_asked(setup, int8, tmp_path):
-    """The matmul that makes the logits reads float inputs by default and is named in the manifest;
-    ``quantize_head=True`` quantizes it."""
+def test_output_heads_stay_fp32_unless_asked(setup, int8, tmp_path):
+    """The matmul that makes the logits and the convs that write the decoder's pixels and flow read
+    float inputs by default and are named in the manifest; ``quantize_head=True`` quantizes them."""
     from eartalk.calibration.quantize import head_nodes
     _, onnx_dir, calib = setup
     out, entries = int8
     src = onnx.load(str(onnx_dir / "step.onnx"))
     head = head_nodes(src)
     assert len(head) == 1 and entries["step"]["head_nodes_fp32"] == head
-    assert entries["tokenizer_decode"]["head_nodes_fp32"] == []
     assert not _reads_dequantized(onnx.load(str(out / "step.int8.onnx")), head[0])
+    dec = onnx.load(str(onnx_dir / "tokenizer_decode.onnx"))
+    dec_head = head_nodes(dec, "images")
+    convs = {n.name for n in dec.graph.node if n.op_type == "Conv"}
+    # the pixel head, the fine flow and the coarse flow (through its resize): three convs, not all
+    assert len(dec_head) == 3 and set(dec_head) < convs
+    assert entries["tokenizer_decode"]["head_nodes_fp32"] == dec_head
+    qd = onnx.load(str(out / "tokenizer_decode.int8.onnx"))
+    assert not any(_reads_dequantized(qd, n) for n in dec_head)
     e = quantize(onnx_dir, calib, "int8", tmp_path / "h", graphs=("step",), max_rounds=0, quantize_head=True)["step"]
     assert e["head_nodes_fp32"] == []
     assert _reads_dequantized(onnx.load(str(tmp_path / "h" / "step.int8.onnx")), head[0])

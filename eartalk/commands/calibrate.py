@@ -59,8 +59,8 @@ def add_arguments(p):
                         "default: only ops with weights, since re-quantizing the cache every frame costs "
                         "more than it saves on CPU")
     q.add_argument("--quantize-head", action="store_true",
-                   help="also quantize the step graph's logits head (default: kept fp32, as LLM quantizers "
-                        "keep lm_head: its int8 input decides the argmax among near-tied codes)")
+                   help="also quantize the output heads: the step graph's logits head and the decoder's "
+                        "pixel and flow convs (default: kept fp32, as LLM quantizers keep lm_head)")
 
     a = sub.add_parser("report", help="accuracy of a quantized folder against its fp32 graphs")
     a.add_argument("--onnx", required=True, type=Path, help="folder with the quantized graphs")
@@ -94,7 +94,7 @@ def run(args) -> int:
             print(f"{e['file']}: {e['quantized_nodes']}/{e['candidate_nodes']} nodes {args.precision}, metrics "
                   f"{json.dumps({k: round(v, 4) for k, v in e['metrics'].items()})}, gate "
                   f"{'passed' if e['gate_passed'] else 'FAILED'}; kept fp32 by the gate: {', '.join(e['excluded_nodes']) or 'none'}"
-                  + (f"; logits head fp32: {', '.join(e['head_nodes_fp32'])}" if e.get("head_nodes_fp32") else ""))
+                  + (f"; output heads fp32: {', '.join(e['head_nodes_fp32'])}" if e.get("head_nodes_fp32") else ""))
             if not e["gate_passed"]:
                 failed.append(kind)
         if failed:
