@@ -99,7 +99,7 @@ def _mean_psnr(values) -> float:
 
 
 def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", random_init: bool = False,
-                    seed: int = 0, split: str = "test", max_clips: int = 2, max_frames: int | None = 250,
+                    seed: int = 0, split: str = "test", max_clips: int = 8, max_frames: int | None = 250,
                     frames_drift: int = 2000, probe=None, threads: int | None = None, progress: bool = True) -> dict:
     """Measure the ``precision`` graphs of ``onnx_dir`` against its fp32 graphs (see the module
     docstring); writes ``<precision>.report.{json,md,png}`` to ``out_dir``; -> the report dict."""

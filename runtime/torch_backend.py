@@ -75,7 +75,9 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
         x, k, v = _block(blk, x, cur[l].unsqueeze(0), past_k[l], past_v[l], past[l], keep)
         ks.append(k[:, :, :P])
         vs.append(v[:, :, :P])
-    return gpt.code_logits(_linear(gpt.head, gpt.ln_f(x[:, -N:]))), torch.stack(ks), torch.stack(vs)
+    h = gpt.ln_f(x[:, -N:])
+    logits = gpt.code_logits(torch.bmm(h, gpt._centered_head().t().expand(h.shape[0], -1, -1)))
+    return logits, torch.stack(ks), torch.stack(vs)
 
 
 def _device(device: str | None) -> torch.device:

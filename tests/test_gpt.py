@@ -334,3 +334,28 @@ def test_init_layer0_head0_reads_the_portrait_token_at_its_own_position(name):
     own = attn[:, torch.arange(N), ca + torch.arange(N)]
     assert float(own.mean()) > 0.85 and float(own.min()) > 0.6
     assert torch.equal(attn[..., :P].argmax(-1), (ca + torch.arange(N)).expand(B, N))
+
+
+def test_logits_head_is_centred_per_digit():
+    """A constant added to one digit's head rows (the offset training lets drift) changes neither
+    the logits nor their softmax: each digit's logits have mean 0, and the code logits equal the
+    uncentred ones minus one constant per token."""
+    cfg = preset("test")
+    model = EARTalkGPT(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, cfg.d_model, generator=g)
+    with torch.no_grad():
+        model.head.weight.add_(torch.randn(model.head.weight.shape, generator=g))
+        before = model._logits(x)
+        raw = model.code_logits(model.head(model.ln_f(x)))
+        start = 0
+        for n in model.digit_levels:                 # each digit's rows shifted by one vector
+            model.head.weight[start:start + n] += torch.randn(1, cfg.d_model, generator=g) * 50
+            start += n
+        after = model._logits(x)
+        digit = F.linear(model.ln_f(x), model._centered_head())
+    torch.testing.assert_close(after, before, atol=2e-4, rtol=0)
+    shift = raw - before
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), atol=1e-4, rtol=0)
+    for part in digit.split(model.digit_levels, dim=-1):
+        torch.testing.assert_close(part.mean(-1), torch.zeros(part.shape[:-1]), atol=1e-4, rtol=0)

@@ -157,6 +157,7 @@ class EARTalkGPT(nn.Module):
         # of the code's digit logits, so CE over V is the sum of per-digit CEs): "this digit moves
         # up one level" is learnt once for all codes instead of once per code pair.
         levels = fsq_levels(cfg.codebook_size)
+        self.digit_levels = tuple(levels)
         offset = torch.tensor([sum(levels[:i]) for i in range(len(levels))])
         self.register_buffer("code_digits", (fsq_digits(torch.arange(cfg.codebook_size), levels) + offset).t(),
                              persistent=False)   # [digits, V]: row i = digit i's index into digit_emb/head
@@ -288,7 +289,20 @@ class EARTalkGPT(nn.Module):
         return self.query_emb + self.slot_emb[ca:] + frame
 
     def _logits(self, x: Tensor) -> Tensor:
-        return self.code_logits(self.head(self.ln_f(x)))
+        return self.code_logits(F.linear(self.ln_f(x), self._centered_head()))
+
+    def _centered_head(self) -> Tensor:
+        """The head's weight with each digit's rows centred. A constant added to all of one digit's
+        logits changes no softmax, CE or argmax, so training lets those offsets drift: the
+        2026-12-04 recipe run's code logits sat near 170, where float32's spacing (1.5e-5) makes
+        two correct implementations differ by ~1e-4. Centring removes that null direction: same
+        probabilities, logits near 0."""
+        w, parts, start = self.head.weight, [], 0
+        for n in self.digit_levels:
+            g = w[start:start + n]
+            parts.append(g - g.mean(0, keepdim=True))
+            start += n
+        return torch.cat(parts)
 
     # ---- streaming
     def prefill(self, portrait_tokens: Tensor) -> tuple[Tensor, Tensor]:

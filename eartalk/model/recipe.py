@@ -42,7 +42,7 @@ RECIPES = {
     # (VQTokenizer.loss state_weight; eartalk.model.face_state); 0: codes untied. tok_state_ramp:
     # the fractions of the stage over which that pull rises from 0 (train_tokenizer state_ramp).
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, tok_pair=0.1, tok_state=0.03, tok_state_ramp=(0.25, 0.5), gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
+                 tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
