@@ -339,10 +339,10 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
     fp32 = onnx.load(str(src))
     ops = [nd for nd in fp32.graph.node if nd.op_type in op_types]
     candidates = ops if activations else weighted(fp32, ops)
+    chosen = {nd.name for nd in candidates}
+    kept = [nd.name for nd in ops if nd.name not in chosen]     # never quantized: not the gate's doing
     head = [] if quantize_head else head_nodes(fp32, HEAD_OUTPUT[kind], op_types)
     candidates = [nd for nd in candidates if nd.name not in head]
-    chosen = {nd.name for nd in candidates} | set(head)
-    kept = [nd.name for nd in ops if nd.name not in chosen]     # never quantized: not the gate's doing
     never = kept + head
     names = [nd.name for nd in ops]
     if len(set(names)) != len(names) or not all(names):
@@ -352,18 +352,20 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
     rounds = []
     per_channel = True
     gates = gates or GATES
+
+    def run(ex, per_channel):          # one quantize_static pass with ``ex`` left fp32 as well
+        _ort_quantize(src, dst, cal_feeds, precision, method, ex + never, op_types, per_channel,
+                      QUANTIZE_OUTPUTS[kind])
     for r in range(max_rounds + 1):
         ex = [e["node"] for e in excluded]
         try:
-            _ort_quantize(src, dst, cal_feeds, precision, method, ex + never, op_types, per_channel,
-                          QUANTIZE_OUTPUTS[kind])
+            run(ex, per_channel)
         except Exception as e:
             if not (per_channel and precision == "fp8"):
                 raise RuntimeError(f"{src}: onnxruntime quantize_static failed ({precision}, {method}): {e}") from e
             per_channel = False        # FP8 weights per tensor: onnxruntime's per-channel FP8 path can fail
             try:
-                _ort_quantize(src, dst, cal_feeds, precision, method, ex + never, op_types, per_channel,
-                          QUANTIZE_OUTPUTS[kind])
+                run(ex, per_channel)
             except Exception as e2:    # e.g. an all-zero weight (zero-initialised layer): scale 0 -> NaN
                 raise RuntimeError(f"{src}: onnxruntime quantize_static failed for {precision} per channel ({e}) "
                                    f"and per tensor ({e2})") from e2

@@ -296,7 +296,8 @@ class EARTalkGPT(nn.Module):
         logits changes no softmax, CE or argmax, so training lets those offsets drift: the
         2026-12-04 recipe run's code logits sat near 170, where float32's spacing (1.5e-5) makes
         two correct implementations differ by ~1e-4. Centring removes that null direction: same
-        probabilities, logits near 0."""
+        probabilities, logits near 0. Slices, not ``split``: the ONNX exporter folds slices of a
+        weight into one initializer (so the quantizer sees a weighted MatMul) but not a Split."""
         w, parts, start = self.head.weight, [], 0
         for n in self.digit_levels:
             g = w[start:start + n]
