@@ -298,3 +298,38 @@ def test_state_ramp_not_started_leaves_the_encoder_as_without_the_pull(cfg):
     plain = run()
     assert torch.equal(run(states=states, state_weight=1.0, state_ramp=(1.0, 1.0)), plain)
     assert not torch.equal(run(states=states, state_weight=1.0), plain)
+
+
+def test_expression_weight_is_added_where_the_map_says(cfg):
+    """L1 and gradient terms are means weighted by ``change weight + expr_weight * map``; a zero map
+    leaves the loss exactly as without one; a map of the wrong size is refused."""
+    frames, portraits, index = synthetic_clips(n_ids=1, per_id=3)
+    torch.manual_seed(0)
+    tok = VQTokenizer(cfg)
+    x = torch.from_numpy(frames).float() / 255
+    p = torch.from_numpy(portraits[index]).float() / 255
+    S = cfg.image_size
+    e = torch.zeros(3, S, S, dtype=torch.uint8)
+    e[:, S // 2:, : S // 3] = 255
+    e[1, :4, :] = 100
+    plain = tok.loss(x, p)
+    torch.testing.assert_close(tok.loss(x, p, expr=torch.zeros_like(e), expr_weight=6.0)["loss"], plain["loss"],
+                               rtol=0, atol=0)
+    d = tok.loss(x, p, expr=e, expr_weight=6.0)
+    with torch.no_grad():                          # the reference, computed apart from loss()
+        q, _ = tok.quant(tok._encode(x, p))
+        r = tok._decode(q, tok.reference(p))
+        diff = (x - p).abs().mean(1, keepdim=True)
+        em = 6.0 * e.float().unsqueeze(1) / 255
+        w = 1 + diff / (diff.mean() + 1e-3) + em
+        wl1 = (w * (r - x).abs()).sum() / (w.sum() * 3)
+        gy, gx = (1 + em)[..., 1:, :], (1 + em)[..., :, 1:]
+        dy = ((r[..., 1:, :] - r[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])).abs()
+        dx = ((r[..., :, 1:] - r[..., :, :-1]) - (x[..., :, 1:] - x[..., :, :-1])).abs()
+        grad = (gy * dy).sum() / (gy.sum() * 3) + (gx * dx).sum() / (gx.sum() * 3)
+    torch.testing.assert_close(d["grad"], grad)
+    torch.testing.assert_close(d["loss"], wl1 + 0.5 * grad + plain["pyr"])
+    with pytest.raises(ValueError, match=f"expected \\[3, {S}, {S}\\]"):
+        tok.loss(x, p, expr=e[:, :4], expr_weight=6.0)
+    with pytest.raises(ValueError, match="needs exprs"):
+        train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, expr_weight=1.0)

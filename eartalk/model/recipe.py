@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eartalk.data.corpus import list_clips, load_clip
+from eartalk.data.expression_map import expression_maps
 from eartalk.model.bundle import new_bundle, save_bundle, weights_digest
 from eartalk.model.config import preset
 from eartalk.model.face_state import face_state
@@ -41,24 +42,28 @@ RECIPES = {
     # tok_state: weight pulling the tokenizer's latents towards a function of the face state
     # (VQTokenizer.loss state_weight; eartalk.model.face_state); 0: codes untied. tok_state_ramp:
     # the fractions of the stage over which that pull rises from 0 (train_tokenizer state_ramp).
+    # tok_expr: extra loss weight of the pixels that show the frame's expression (lips, eyes, brows;
+    # eartalk.data.expression_map, VQTokenizer.loss expr_weight); 0: whole-frame weighting only.
     "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
+                 tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
+                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=4, val_clips=4),
 }
 
 
 def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool,
-                    successors: bool = False) -> dict:
+                    successors: bool = False, expr: bool = False) -> dict:
     """Every ``every``-th frame of each clip of ``split`` with its clip's portrait, channels first,
     uint8, and each frame's face state (``face_state``, NaN rows for clips without ground truth):
     a dict of ``frames``, ``portraits``, ``index`` (frame -> portrait), ``states``; with
     ``successors`` also ``next_frames`` and ``next_states`` (frames then stop one before the
-    clip's end)."""
+    clip's end). With ``expr`` also ``exprs`` (and ``next_exprs``): each frame's expression map
+    (``expression_map.expression_maps``; zeros for clips without ground truth)."""
     frames, nexts, portraits, index, states, next_states = [], [], [], [], [], []
+    exprs, next_exprs = [], []
     for i, cid in enumerate(tqdm(list_clips(corpus, split)[:max_clips], desc=f"loading {split} frames",
                                  disable=not progress, unit="clip")):
         clip = load_clip(corpus, cid)
@@ -70,6 +75,10 @@ def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, 
         if successors:
             nexts.append(fit_size(all_frames[at + 1], size))
             next_states.append(st[at + 1])
+        if expr:
+            exprs.append(_expr_maps(clip, at, size))
+            if successors:
+                next_exprs.append(_expr_maps(clip, at + 1, size))
         portraits.append(clip_portrait(clip, size))
         index.append(np.full(len(at), i))
     to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))  # noqa: E731
@@ -77,7 +86,19 @@ def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, 
                index=np.concatenate(index), states=np.concatenate(states))
     if successors:
         out.update(next_frames=to_chw(np.concatenate(nexts)), next_states=np.concatenate(next_states))
+    if expr:
+        out["exprs"] = np.concatenate(exprs)
+        if successors:
+            out["next_exprs"] = np.concatenate(next_exprs)
     return out
+
+
+def _expr_maps(clip, at: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[len(at), size, size]`` expression maps of frames ``at`` (zeros without ground truth)."""
+    m = expression_maps(clip, at)
+    if m is None:
+        return np.zeros((len(at), size, size), np.uint8)
+    return fit_size(np.repeat(m[..., None], 3, -1), size)[..., 0]
 
 
 def _recipe(name: str) -> dict:
@@ -94,7 +115,8 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
-    d = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress, successors=pairs)
+    d = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress, successors=pairs,
+                        expr=r["tok_expr"] > 0)
     # held-out PSNR on the validation split (a small corpus may have none: then no validation)
     v = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
@@ -104,7 +126,8 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
                         max_minutes=r["tok_minutes"], val=val, val_every=500, self_every=r["tok_self"],
                         next_frames=d.get("next_frames"), pair_weight=r["tok_pair"], states=d["states"],
                         next_states=d.get("next_states"), state_weight=r["tok_state"],
-                        state_ramp=r["tok_state_ramp"])
+                        state_ramp=r["tok_state_ramp"], exprs=d.get("exprs"), next_exprs=d.get("next_exprs"),
+                        expr_weight=r["tok_expr"])
     tok = m.pop("model")
     if v and r["tok_state"] > 0:
         m["val_state_acc"] = state_token_accuracy(tok, v["frames"], v["portraits"], v["index"], v["states"])

@@ -241,12 +241,15 @@ class VQTokenizer(nn.Module):
 
     def loss(self, images, portrait, grad_weight: float = 0.5, change_weight: float = 1.0,
              pyramid_weight: float = 1.0, pair_weight: float = 0.0, state=None,
-             state_weight: float = 0.0) -> dict:
+             state_weight: float = 0.0, expr=None, expr_weight: float = 0.0) -> dict:
         """Weighted L1 + L1 of image gradients (edges: lips, eyelids) + L1 of 2x/4x/8x average-pooled
         images (a wide basin for the flow: a misplaced edge still shows at coarse scales).
 
         Pixels are weighted by ``1 + change_weight * |frame - portrait| / mean|frame - portrait|``:
         what differs from the portrait (mouth, eyes, pose) is exactly what the tokens must carry.
+        ``expr`` ``[B, S, S]`` (uint8, 255 = fully expression, or float in [0, 1]): where each frame
+        shows its expression (:mod:`eartalk.data.expression_map`); those pixels gain
+        ``expr_weight * expr`` in the L1 and gradient terms (a zero map: no change).
         ``loss`` is the total to backpropagate; ``l1`` (unweighted), ``grad``, ``pyr`` its parts;
         ``psnr`` for logging (no gradient).
 
@@ -265,11 +268,20 @@ class VQTokenizer(nn.Module):
         recon = self._decode(q, self.reference(p))
         diff = (x - p).abs().mean(1, keepdim=True)
         w = 1 + change_weight * diff / (diff.mean() + 1e-3)
+        wg = torch.ones_like(diff)       # the gradient term's weight (1 without expression maps)
+        if expr is not None and expr_weight > 0:
+            e = torch.as_tensor(expr)
+            if tuple(e.shape) != (len(x), self.S, self.S):
+                raise ValueError(f"expr has shape {tuple(e.shape)}; expected [{len(x)}, {self.S}, {self.S}]")
+            e = (e.float() / 255 if e.dtype == torch.uint8 else e.float()).unsqueeze(1)
+            w = w + expr_weight * e
+            wg = wg + expr_weight * e
         err = (recon - x).abs()
         wl1 = (w * err).mean() / w.mean()
         g = lambda t: (t[..., 1:, :] - t[..., :-1, :], t[..., :, 1:] - t[..., :, :-1])  # noqa: E731
         (ry, rx), (xy, xx) = g(recon), g(x)
-        grad = (ry - xy).abs().mean() + (rx - xx).abs().mean()
+        gy, gx = wg[..., 1:, :], wg[..., :, 1:]
+        grad = (gy * (ry - xy).abs()).mean() / gy.mean() + (gx * (rx - xx).abs()).mean() / gx.mean()
         pyr = sum((F.avg_pool2d(recon, k) - F.avg_pool2d(x, k)).abs().mean() for k in (2, 4, 8))
         with torch.no_grad():
             psnr = -10 * torch.log10(F.mse_loss(recon, x).clamp_min(1e-10))
@@ -489,7 +501,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     max_minutes: float | None = None, val=None, val_every: int = 250,
                     self_every: int = 8, next_frames=None, pair_weight: float = 0.0, states=None,
                     next_states=None, state_weight: float = 0.0,
-                    state_ramp: tuple[float, float] = (0.0, 0.0)) -> dict:
+                    state_ramp: tuple[float, float] = (0.0, 0.0), exprs=None, next_exprs=None,
+                    expr_weight: float = 0.0) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -515,6 +528,10 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     from 0 to ``state_weight`` (the head fits from the start), so that the codes first learn to
     carry the frame. A precaution, not a measured gain: the one run pulled from step 0 (weight
     0.1) was on a 4x4 token grid, and the 4x4 grid without the pull learnt just as slowly.
+
+    ``exprs`` uint8 ``[M, S, S]`` (and ``next_exprs`` with pairs): each frame's expression map
+    (:func:`eartalk.data.expression_map.expression_maps`, zeros where unknown); with
+    ``expr_weight > 0`` those pixels weigh more in the loss. Self samples get a zero map.
     """
     frames, portraits, portrait_index = _as_set(frames, portraits, portrait_index)
     M = frames.shape[0]
@@ -536,6 +553,16 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             next_states = torch.as_tensor(np.asarray(next_states, np.float32))
             if next_states.shape != states.shape:
                 raise ValueError(f"next_states {tuple(next_states.shape)} must match states {tuple(states.shape)}")
+    if expr_weight > 0:
+        if exprs is None or (pair_weight > 0 and next_exprs is None):
+            raise ValueError("expr_weight > 0 needs exprs (and next_exprs when pair_weight > 0)")
+        exprs = torch.as_tensor(np.asarray(exprs, np.uint8))
+        if tuple(exprs.shape) != (M, *frames.shape[-2:]):
+            raise ValueError(f"exprs has shape {tuple(exprs.shape)}; expected {(M, *frames.shape[-2:])}")
+        if pair_weight > 0:
+            next_exprs = torch.as_tensor(np.asarray(next_exprs, np.uint8))
+            if next_exprs.shape != exprs.shape:
+                raise ValueError(f"next_exprs {tuple(next_exprs.shape)} must match exprs {tuple(exprs.shape)}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = tokenizer or VQTokenizer(cfg)
@@ -558,10 +585,12 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             x = torch.cat([frames[i], next_frames[i]])
             p = portraits[portrait_index[i]].repeat(2, 1, 1, 1)
             st = torch.cat([states[i], next_states[i]]) if state_weight > 0 else None
+            ex = torch.cat([exprs[i], next_exprs[i]]) if expr_weight > 0 else None
         else:
             i = torch.randint(0, M, (batch,), generator=gen)
             x, p = frames[i], portraits[portrait_index[i]]
             st = states[i].clone() if state_weight > 0 else None
+            ex = exprs[i].clone() if expr_weight > 0 else None
             # one sample in ``self_every`` is the portrait against itself: the sink frame's own code
             # (the stream's first frame) is never a corpus frame, and untrained it decoded blurred
             n_self = batch // self_every if self_every else 0
@@ -569,10 +598,13 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                 x = torch.cat([p[:n_self], x[n_self:]])
                 if st is not None:
                     st[:n_self] = float("nan")
+                if ex is not None:
+                    ex[:n_self] = 0
         lo, hi = state_ramp
         ramp = 1.0 if frac >= hi else max(0.0, (frac - lo) / (hi - lo)) if hi > lo else float(frac >= lo)
         d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
-                     state_weight=state_weight * ramp if state_weight > 0 else 0.0)
+                     state_weight=state_weight * ramp if state_weight > 0 else 0.0,
+                     expr=ex, expr_weight=expr_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
