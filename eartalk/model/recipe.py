@@ -24,7 +24,7 @@ from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_
                                      train_gpt)
 
 RECIPES = {
-    # minutes per stage; 2026-12-04 on the 2-core AVX-512 EPYC: tokenizer 25, tokenizing ~8, GPT 45 (~78 end to end); total <= 90
+    # minutes per stage (budgets: tokenizer 25 or 6,000 steps, GPT 45); 2026-12-04 on the 2-core AVX-512 EPYC: tokenizer 22 + ~2 loading, tokenizing 5, GPT 45 (74 end to end); total <= 90
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
