@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from eartalk.calibration.record import CalibrationSet, GRAPH_INPUTS, load_calibration
+from eartalk.calibration.report import TARGETS
 from eartalk.export import metadata as md
 from eartalk.export.trt_build import PrecisionUnsupported, check_precision
 
@@ -78,11 +79,13 @@ METHODS = ("entropy", "percentile", "minmax", "distribution")
 QUANT_OP_TYPES = ("MatMul", "Gemm", "Conv")
 GRAPHS = ("step", "tokenizer_decode")
 INT8_METHOD = {"step": "entropy", "tokenizer_decode": "percentile"}   # when no method is given
-# The accuracy gate per graph: the report's targets for the whole stream (token agreement >= 0.97,
-# decoder >= 35 dB), the step's with a margin: the gate sees 1 in 4 recorded samples, fewer frames
-# than the report's test stream. On the 2026-12-04 expression-weighted tiny a 0.97 gate passed at
-# 0.9714 and the test stream then read 0.9686.
-GATES = {"step": {"token_agreement": 0.98, "kv_rel_error": 0.05}, "tokenizer_decode": {"psnr_db": 35.0}}
+# The accuracy gate per graph: the report's targets for the whole stream, the step's token agreement
+# with a margin: the gate sees 1 in 4 recorded samples, fewer frames than the report's test stream.
+# On the 2026-12-04 expression-weighted tiny a 0.97 gate passed at 0.9714 and the test stream then
+# read 0.9686.
+AGREEMENT_MARGIN = 0.01
+GATES = {"step": {"token_agreement": round(TARGETS["token_agreement"] + AGREEMENT_MARGIN, 6), "kv_rel_error": 0.05},
+         "tokenizer_decode": {"psnr_db": TARGETS["psnr_db"]}}
 # Q/DQ on quantized ops' outputs too (see the module docstring): only the decoder, whose convs
 # onnxruntime's CPU provider runs in int8 (QLinearConv) only when their output is quantized
 QUANTIZE_OUTPUTS = {"step": False, "tokenizer_decode": True}

@@ -495,6 +495,21 @@ def state_token_accuracy(tok: VQTokenizer, frames, portraits, portrait_index, st
     return hit / max(n, 1)
 
 
+def _per_frame(name: str, weight: str, values, next_values, dtype, shape: tuple, pairs: bool):
+    """``values`` (and with ``pairs`` ``next_values``, each frame's successor's) as tensors of
+    ``dtype`` and ``shape``: one row per training frame, for the loss term ``weight`` turns on."""
+    if values is None or (pairs and next_values is None):
+        raise ValueError(f"{weight} > 0 needs {name} (and next_{name} when pair_weight > 0)")
+    values = torch.as_tensor(np.asarray(values, dtype))
+    if tuple(values.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(values.shape)}; expected {shape}")
+    if pairs:
+        next_values = torch.as_tensor(np.asarray(next_values, dtype))
+        if next_values.shape != values.shape:
+            raise ValueError(f"next_{name} {tuple(next_values.shape)} must match {name} {tuple(values.shape)}")
+    return values, next_values
+
+
 def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3, batch: int = 16,
                     out_dir: str | None = None, progress: bool = True, portrait_index=None,
                     tokenizer: VQTokenizer | None = None, seed: int = 0, change_weight: float = 1.0,
@@ -544,25 +559,11 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         if batch < 2 or batch % 2:
             raise ValueError(f"pair_weight > 0 needs an even batch >= 2, got {batch}")
     if state_weight > 0:
-        if states is None or (pair_weight > 0 and next_states is None):
-            raise ValueError("state_weight > 0 needs states (and next_states when pair_weight > 0)")
-        states = torch.as_tensor(np.asarray(states, np.float32))
-        if tuple(states.shape) != (M, STATE_DIM):
-            raise ValueError(f"states has shape {tuple(states.shape)}; expected {(M, STATE_DIM)}")
-        if pair_weight > 0:
-            next_states = torch.as_tensor(np.asarray(next_states, np.float32))
-            if next_states.shape != states.shape:
-                raise ValueError(f"next_states {tuple(next_states.shape)} must match states {tuple(states.shape)}")
+        states, next_states = _per_frame("states", "state_weight", states, next_states, np.float32,
+                                         (M, STATE_DIM), pair_weight > 0)
     if expr_weight > 0:
-        if exprs is None or (pair_weight > 0 and next_exprs is None):
-            raise ValueError("expr_weight > 0 needs exprs (and next_exprs when pair_weight > 0)")
-        exprs = torch.as_tensor(np.asarray(exprs, np.uint8))
-        if tuple(exprs.shape) != (M, *frames.shape[-2:]):
-            raise ValueError(f"exprs has shape {tuple(exprs.shape)}; expected {(M, *frames.shape[-2:])}")
-        if pair_weight > 0:
-            next_exprs = torch.as_tensor(np.asarray(next_exprs, np.uint8))
-            if next_exprs.shape != exprs.shape:
-                raise ValueError(f"next_exprs {tuple(next_exprs.shape)} must match exprs {tuple(exprs.shape)}")
+        exprs, next_exprs = _per_frame("exprs", "expr_weight", exprs, next_exprs, np.uint8,
+                                       (M, *frames.shape[-2:]), pair_weight > 0)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = tokenizer or VQTokenizer(cfg)
