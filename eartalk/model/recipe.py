@@ -24,7 +24,7 @@ from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_
                                      train_gpt)
 
 RECIPES = {
-    # minutes per stage (budgets: tokenizer 25 or 6,000 steps, GPT 45); 2026-12-04 on the 2-core AVX-512 EPYC: tokenizer 22 + ~2 loading, tokenizing 5, GPT 45 (74 end to end); total <= 90
+    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (78 end to end); total <= 90
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
@@ -44,7 +44,7 @@ RECIPES = {
     # the fractions of the stage over which that pull rises from 0 (train_tokenizer state_ramp).
     # tok_expr: extra loss weight of the pixels that show the frame's expression (lips, eyes, brows;
     # eartalk.data.expression_map, VQTokenizer.loss expr_weight); 0: whole-frame weighting only.
-    "tiny": dict(preset="tiny", tok_steps=6000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
+    "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eartalk.model.face_state import STATE_DIM
+from eartalk.model.precision import bf16_native, train_autocast
 
 SUBPIX = 4          # ref and decoder head work at S/4 and unpack 4x4 pixels per cell
 PIX_CH = 3 * SUBPIX * SUBPIX
@@ -263,9 +264,10 @@ class VQTokenizer(nn.Module):
         """
         x = _to_float01(images)
         p = _to_float01(portrait)
-        z = self._encode(x, p)
-        q, _ = self.quant(z)
-        recon = self._decode(q, self.reference(p))
+        z = self._encode(x, p).float()
+        with torch.autocast("cpu", enabled=False):   # FSQ rounds in float32 under a bf16 autocast
+            q, _ = self.quant(z)
+        recon = self._decode(q, self.reference(p)).float()
         diff = (x - p).abs().mean(1, keepdim=True)
         w = 1 + change_weight * diff / (diff.mean() + 1e-3)
         wg = torch.ones_like(diff)       # the gradient term's weight (1 without expression maps)
@@ -517,7 +519,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     self_every: int = 8, next_frames=None, pair_weight: float = 0.0, states=None,
                     next_states=None, state_weight: float = 0.0,
                     state_ramp: tuple[float, float] = (0.0, 0.0), exprs=None, next_exprs=None,
-                    expr_weight: float = 0.0) -> dict:
+                    expr_weight: float = 0.0, bf16: bool | None = None) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -547,6 +549,10 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     ``exprs`` uint8 ``[M, S, S]`` (and ``next_exprs`` with pairs): each frame's expression map
     (:func:`eartalk.data.expression_map.expression_maps`, zeros where unknown); with
     ``expr_weight > 0`` those pixels weigh more in the loss. Self samples get a zero map.
+
+    ``bf16``: autocast the encoder and decoder to bfloat16 (quantisation and the loss stay float32;
+    validation and the saved weights are float32); default where the CPU has native bf16
+    (:func:`eartalk.model.precision.bf16_native`): 1.5x the steps of float32 in the same minutes.
     """
     frames, portraits, portrait_index = _as_set(frames, portraits, portrait_index)
     M = frames.shape[0]
@@ -564,6 +570,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     if expr_weight > 0:
         exprs, next_exprs = _per_frame("exprs", "expr_weight", exprs, next_exprs, np.uint8,
                                        (M, *frames.shape[-2:]), pair_weight > 0)
+    bf16 = bf16_native() if bf16 is None else bf16
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = tokenizer or VQTokenizer(cfg)
@@ -603,9 +610,10 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     ex[:n_self] = 0
         lo, hi = state_ramp
         ramp = 1.0 if frac >= hi else max(0.0, (frac - lo) / (hi - lo)) if hi > lo else float(frac >= lo)
-        d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
-                     state_weight=state_weight * ramp if state_weight > 0 else 0.0,
-                     expr=ex, expr_weight=expr_weight)
+        with train_autocast(bf16):
+            d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
+                         state_weight=state_weight * ramp if state_weight > 0 else 0.0,
+                         expr=ex, expr_weight=expr_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()

@@ -27,6 +27,7 @@ from eartalk.model.bundle import ModelBundle
 from eartalk.model.conditions import controls_from_gt, encode_controls
 from eartalk.model.config import CONTROLS
 from eartalk.model.face_state import MOUTH_GT
+from eartalk.model.precision import bf16_native, train_autocast
 
 # Ground truth the audio encoder is taught to predict (``mouth_loss``): the renderer's mouth
 # parameters (face_state.MOUTH_GT) and the viseme class.
@@ -309,9 +310,9 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
         prev_in = torch.where(use[:, None], b.stale_prev, prev)
     inp, prev_in = corrupt_inputs(inp, prev_in, corrupt, bundle.cfg.codebook_size, gen, port, portrait_share,
                                   plausible)
-    # bf16 matmuls (~1.5x a step where the CPU has AVX-512 BF16; see bf16_native); softmax and
-    # the loss stay in float32
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and torch.is_grad_enabled()):
+    # bf16 matmuls and attention (see bf16_native and EARTalkGPT.forward_train); the loss stays in
+    # float32
+    with train_autocast(bf16):
         logits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in)
     if change_weight == 1.0:
         return F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten())
@@ -319,15 +320,6 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
     before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
     w = torch.where(toks != before, change_weight, 1.0).flatten()
     return (ce * w).sum() / w.sum()
-
-
-def bf16_native() -> bool:
-    """Whether this CPU does bf16 matmuls in hardware (AVX-512 BF16 or AMX). Elsewhere (AVX2, e.g. an
-    AMD Zen 3) torch emulates them: a training step measured 110 s under bf16 autocast against
-    11 s in float32, so autocast is only worth turning on where this is true."""
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
