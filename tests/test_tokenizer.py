@@ -339,19 +339,24 @@ def test_expression_weight_is_added_where_the_map_says(cfg):
 
 
 def test_bf16_training_loss_is_close_to_float32_and_quantises_in_float32(cfg):
-    """Under the training autocast the encoder runs in bf16, the loss comes out float32 within 2% of
-    the float32 loss; without gradients (validation) there is no autocast."""
+    """Under the training autocast the encoder runs in bf16, FSQ receives the latent in float32, the
+    loss comes out float32 within 2% of the float32 loss; without gradients (validation) there is
+    no autocast."""
     from eartalk.model.precision import train_autocast
     frames, portraits, index = synthetic_clips(n_ids=2, per_id=4)
     torch.manual_seed(0)
     tok = VQTokenizer(cfg)
     x = torch.from_numpy(frames).float() / 255
     p = torch.from_numpy(portraits[index]).float() / 255
+    seen = []
+    hook = tok.quant.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].dtype))
     with torch.enable_grad():
         full = tok.loss(x, p)["loss"]
         with train_autocast(True):
             half = tok.loss(x, p)["loss"]
             z = tok._encode(x, p)
+    hook.remove()
+    assert seen == [torch.float32, torch.float32]
     assert half.dtype == torch.float32
     assert abs(float(half) - float(full)) < 0.02 * float(full)
     assert z.dtype == torch.bfloat16          # the encoder did run in bf16

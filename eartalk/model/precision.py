@@ -14,6 +14,11 @@ def bf16_native() -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def resolve_bf16(bf16: bool | None) -> bool:
+    """A training stage's ``bf16`` argument: as given, or where the CPU has native bf16 when None."""
+    return bf16_native() if bf16 is None else bf16
+
+
 def train_autocast(enabled: bool):
     """bf16 autocast of a training forward, only while gradients are on (validation, under
     ``no_grad``, measures the float32 model that is shipped)."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eartalk.model.face_state import STATE_DIM
-from eartalk.model.precision import bf16_native, train_autocast
+from eartalk.model.precision import resolve_bf16, train_autocast
 
 SUBPIX = 4          # ref and decoder head work at S/4 and unpack 4x4 pixels per cell
 PIX_CH = 3 * SUBPIX * SUBPIX
@@ -570,7 +570,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     if expr_weight > 0:
         exprs, next_exprs = _per_frame("exprs", "expr_weight", exprs, next_exprs, np.uint8,
                                        (M, *frames.shape[-2:]), pair_weight > 0)
-    bf16 = bf16_native() if bf16 is None else bf16
+    bf16 = resolve_bf16(bf16)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = tokenizer or VQTokenizer(cfg)

@@ -27,7 +27,7 @@ from eartalk.model.bundle import ModelBundle
 from eartalk.model.conditions import controls_from_gt, encode_controls
 from eartalk.model.config import CONTROLS
 from eartalk.model.face_state import MOUTH_GT
-from eartalk.model.precision import bf16_native, train_autocast
+from eartalk.model.precision import resolve_bf16, train_autocast
 
 # Ground truth the audio encoder is taught to predict (``mouth_loss``): the renderer's mouth
 # parameters (face_state.MOUTH_GT) and the viseme class.
@@ -310,7 +310,7 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
         prev_in = torch.where(use[:, None], b.stale_prev, prev)
     inp, prev_in = corrupt_inputs(inp, prev_in, corrupt, bundle.cfg.codebook_size, gen, port, portrait_share,
                                   plausible)
-    # bf16 matmuls and attention (see bf16_native and EARTalkGPT.forward_train); the loss stays in
+    # bf16 matmuls and attention (see precision.bf16_native and EARTalkGPT.forward_train); the loss stays in
     # float32
     with train_autocast(bf16):
         logits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in)
@@ -333,8 +333,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
     to the token cross-entropy; 0 trains on tokens alone. ``bf16``: autocast the training forward
-    (default: where the CPU has native bf16, :func:`bf16_native`)."""
-    bf16 = bf16_native() if bf16 is None else bf16
+    (default: where the CPU has native bf16, :func:`eartalk.model.precision.bf16_native`)."""
+    bf16 = resolve_bf16(bf16)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     T = T or bundle.cfg.window + 4
