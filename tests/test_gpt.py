@@ -306,6 +306,26 @@ def test_code_logits_are_the_sum_of_the_codes_fsq_digit_logits():
 
 
 @pytest.mark.parametrize("name", ["tiny", "test"])
+def test_code_nll_equals_cross_entropy_over_the_code_logits(name):
+    """Training's loss (code_nll over forward_train(digits=True)) is the CE over the V code logits
+    the model streams with, for the tiny (8x8x8) and the test (4x4) codebooks, gradients too."""
+    model = make_model() if name == "test" else EARTalkGPT(preset("tiny"))
+    cfg = model.cfg
+    tokens, portrait, audio, cond, mask = random_inputs(cfg, 2, 3)
+    digits = model.forward_train(tokens, portrait, audio, cond, mask, digits=True)
+    assert digits.shape == (2, 3, cfg.tokens_per_frame, sum(model.digit_levels))
+    logits = model.forward_train(tokens, portrait, audio, cond, mask)
+    torch.testing.assert_close(model.code_logits(digits), logits, atol=0, rtol=0)
+    want = F.cross_entropy(logits.flatten(0, 2), tokens.flatten(), reduction="none").view(tokens.shape)
+    got = model.code_nll(digits, tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ga = torch.autograd.grad(got.mean(), [model.head.weight, model.lag_bias])
+    gb = torch.autograd.grad(want.mean(), [model.head.weight, model.lag_bias])
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "test"])
 def test_init_layer0_head0_reads_the_portrait_token_at_its_own_position(name):
     """At initialisation, layer 0 head 0 of query slot i attends mostly to the sink's token i (the
     portrait's code at the same place), over the sink page and its own frame's rows."""

@@ -26,12 +26,17 @@ def test_loss_is_cross_entropy_of_teacher_forcing_and_corruption_touches_inputs_
     b = _batch(bundle.cfg)
     toks, prev, port, aud, cond, mask = b
     with torch.no_grad():
+        # the initial head and embeddings are near zero: perturb them so what the model reads matters
+        g = torch.Generator().manual_seed(3)
+        for p in bundle.gpt.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
         logits = bundle.gpt.forward_train(toks, port, aud, cond, mask, prev_first=prev)
         want = F.cross_entropy(logits.flatten(0, 2), toks.flatten())
-        assert torch.equal(gpt_loss(bundle, b), want)
+        # the loss sums per-digit CEs (code_nll): the same value, another order of float32 sums
+        assert float(gpt_loss(bundle, b)) == pytest.approx(float(want), rel=1e-6)
         # full corruption: the inputs are other tokens (a different loss), the targets are not
         noisy = gpt_loss(bundle, b, corrupt=1.0, gen=torch.Generator().manual_seed(1))
-        assert not torch.equal(noisy, want)
+        assert abs(float(noisy) - float(want)) > 1e-4     # float32 reordering is ~1e-6
         # the same generator state gives the same corrupted loss (reproducible training)
         assert torch.equal(noisy, gpt_loss(bundle, b, corrupt=1.0, gen=torch.Generator().manual_seed(1)))
 

@@ -313,12 +313,12 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
     # bf16 matmuls and attention (see precision.bf16_native and EARTalkGPT.forward_train); the loss stays in
     # float32
     with train_autocast(bf16):
-        logits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in)
+        digits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in, digits=True)
+    ce = bundle.gpt.code_nll(digits, toks)                   # [B,T,N], float32
     if change_weight == 1.0:
-        return F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten())
-    ce = F.cross_entropy(logits.flatten(0, 2).float(), toks.flatten(), reduction="none")
+        return ce.mean()
     before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
-    w = torch.where(toks != before, change_weight, 1.0).flatten()
+    w = torch.where(toks != before, change_weight, 1.0)
     return (ce * w).sum() / w.sum()
 
 
