@@ -67,12 +67,12 @@ def _window_lags(T: int, P: int, N: int, W: int, device) -> tuple[Tensor, Tensor
     window pages plus two cats was ~2x slower to train)."""
     t = torch.arange(T)[:, None]
     page_lag = (W - torch.arange(W))[None, :].expand(T, W)                    # oldest page first
-    page_lag = torch.where(t - page_lag >= 0, page_lag, torch.full_like(page_lag, EMPTY))
+    page = t - page_lag                                                        # [T, W] frame of each page
+    page_lag = torch.where(page >= 0, page_lag, torch.full_like(page_lag, EMPTY))
     lag = torch.cat([torch.full((T, P), SINK), page_lag.repeat_interleave(P, dim=1),
                      torch.zeros(T, P + N, dtype=torch.long)], dim=1).to(torch.int32)
     mask = torch.zeros(P + N, lag.shape[1])
     mask[:P, lag.shape[1] - N:] = float("-inf")
-    page = t - (W - torch.arange(W))[None, :]                                  # [T, W] frame of each page
     ctx = torch.where(page[..., None] >= 0, 2 * P + page[..., None] * (P + N) + torch.arange(P),
                       P + torch.arange(P))                                      # missing page: zeros
     rows = torch.cat([torch.arange(P).expand(T, P), ctx.reshape(T, W * P),
@@ -309,13 +309,10 @@ class EARTalkGPT(nn.Module):
         sum of the digits' CEs: the same value as over :meth:`code_logits` without the [..., V]
         logits (whose gather backward was ~7% of a training step)."""
         assert math.prod(self.digit_levels) == self.cfg.codebook_size, "a digit tuple that is not a code"
-        nll, start = 0.0, 0
-        for i, n in enumerate(self.digit_levels):
-            logp = torch.log_softmax(digit_logits[..., start:start + n].float(), dim=-1)
-            want = (self.code_digits[i][tokens] - start).unsqueeze(-1)
-            nll = nll - logp.gather(-1, want).squeeze(-1)
-            start += n
-        return nll
+        want = fsq_digits(tokens, self.digit_levels)                              # [..., digits]
+        parts = digit_logits.float().split(self.digit_levels, dim=-1)
+        return sum(-torch.log_softmax(part, dim=-1).gather(-1, want[..., i:i + 1]).squeeze(-1)
+                   for i, part in enumerate(parts))
 
     def _centered_head(self) -> Tensor:
         """The head's weight with each digit's rows centred. A constant added to all of one digit's
