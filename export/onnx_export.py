@@ -34,6 +34,8 @@ from eartalk.export import metadata as md
 
 GRAPHS = ("step", "prefill", "tokenizer_encode", "tokenizer_reference", "tokenizer_decode",
           "audio_encoder")
+# exported only for a model trained with refinement (cfg.refine): a step pass with a draft
+OPTIONAL_GRAPHS = ("refine",)
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 20, 18
 BATCH = "batch"
 
@@ -52,6 +54,11 @@ TRT10_OPS = frozenset({
     "ScatterND", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "SpaceToDepth", "Split", "Sqrt",
     "Squeeze", "Sub", "Tanh", "Tile", "TopK", "Transpose", "Unsqueeze", "Where",
 })
+
+
+def graphs_for(cfg) -> tuple[str, ...]:
+    """The graphs a model of ``cfg`` exports: :data:`GRAPHS`, plus ``refine`` when it was trained to refine."""
+    return GRAPHS + (("refine",) if getattr(cfg, "refine", False) else ())
 
 
 class ExportError(RuntimeError):
@@ -94,7 +101,7 @@ def expected_signature(cfg, receptive_field: int, ref_channels: int) -> dict[str
     ref = ("float32", [b, ref_channels, S // 4, S // 4])
     img = ("float32", [b, 3, S, S])
     toks = ("int64", [b, N])
-    return {
+    sig = {
         "step": {"inputs": {"prev_tokens": toks, "audio": ("float32", [b, c.audio_tokens, c.audio_dim]),
                             "cond": ("float32", [b, c.cond_tokens, c.cond_dim]),
                             "cond_mask": ("bool", [b, c.cond_tokens]),
@@ -108,12 +115,16 @@ def expected_signature(cfg, receptive_field: int, ref_channels: int) -> dict[str
         "audio_encoder": {"inputs": {"mel_window": ("float32", [b, receptive_field, c.n_mels])},
                           "outputs": {"audio": ("float32", [b, c.audio_tokens, c.audio_dim])}},
     }
+    if getattr(c, "refine", False):
+        sig["refine"] = {"inputs": {**sig["step"]["inputs"], "draft": toks, "draft_known": ("bool", [b, N])},
+                         "outputs": {"logits": sig["step"]["outputs"]["logits"]}}
+    return sig
 
 
 def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str, GraphSpec]:
     """Modules and example inputs (batch ``batch``; 2 so the exporter cannot specialise on 1)."""
     from eartalk.model.audio import AudioEncoderStep
-    from eartalk.model.gpt import StepModule
+    from eartalk.model.gpt import RefineModule, StepModule
     from eartalk.model.tokenizer import TokenizerDecode, TokenizerEncode, TokenizerReference
     c, B = cfg, batch
     g = torch.Generator().manual_seed(0)
@@ -142,6 +153,14 @@ def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str,
                   (torch.randn(B, R, c.n_mels, generator=g) * 3 - 5,), ["mel_window"], ["audio"],
                   {"mel_window": 0}),
     ]
+    if getattr(c, "refine", False):
+        # a tensor of its own: given ``tokens`` again, torch.export takes the two inputs for one
+        # and wires prev_tokens' embedding into the draft's place
+        draft = torch.randint(0, c.codebook_size, (B, c.tokens_per_frame), generator=g)
+        known = torch.rand(B, c.tokens_per_frame, generator=g) < 0.5
+        specs.append(GraphSpec("refine", RefineModule(gpt).eval(), step_args + (draft, known),
+                               list(RefineModule.input_names), list(RefineModule.output_names),
+                               {n: (1 if n in ("past_k", "past_v") else 0) for n in RefineModule.input_names}))
     return {s.kind: s for s in specs}
 
 
@@ -228,8 +247,9 @@ def export_graph(spec: GraphSpec, max_batch: int, opset: int = DEFAULT_OPSET):
 
 def export_onnx(cfg, gpt, tokenizer, audio_encoder, out_dir: str | Path, *, model_name: str = "custom",
                 weights_hash: str | None = None, opset: int = DEFAULT_OPSET,
-                graphs: tuple[str, ...] = GRAPHS, log=None) -> dict:
-    """Export ``graphs`` to ``out_dir``; returns the manifest (also written as ``manifest.json``).
+                graphs: tuple[str, ...] | None = None, log=None) -> dict:
+    """Export ``graphs`` (default :func:`graphs_for` ``cfg``) to ``out_dir``; returns the manifest
+    (also written as ``manifest.json``).
 
     ``weights_hash`` defaults to :func:`export.metadata.weights_sha256` of the three modules.
     ``manifest["export_seconds"]`` is the wall time per graph (export + checks + write).
@@ -238,9 +258,11 @@ def export_onnx(cfg, gpt, tokenizer, audio_encoder, out_dir: str | Path, *, mode
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset {opset} not supported: use {MIN_OPSET}..{MAX_OPSET} "
                          f"(the dynamo exporter's down-conversion to 17 is broken)")
-    unknown = sorted(set(graphs) - set(GRAPHS))
+    graphs = graphs_for(cfg) if graphs is None else tuple(graphs)
+    unknown = sorted(set(graphs) - set(graphs_for(cfg)))
     if unknown:
-        raise ValueError(f"unknown graphs {unknown}; expected some of {list(GRAPHS)}")
+        why = " (refine: only for a model trained with refinement, config refine=true)" if "refine" in unknown else ""
+        raise ValueError(f"unknown graphs {unknown}; expected some of {list(graphs_for(cfg))}{why}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in (gpt, tokenizer, audio_encoder):

@@ -67,7 +67,8 @@ def make_backend(model="tiny", backend: str = "torch", random_init: bool = False
 def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_init: bool = False,
                  seed: int = 0, device: str | None = None, realtime: bool = False,
                  temperature: float = 0.0, top_k: int | None = None, idle_motion: bool = True,
-                 controls: dict | None = None, precision: str = "fp32", **backend_options) -> Session:
+                 controls: dict | None = None, precision: str = "fp32", refine: int = 0,
+                 **backend_options) -> Session:
     """Open one streaming session (a one-session :class:`Engine`; closing the session closes it).
 
     ``portrait``: image path or uint8 RGB array [H, W, 3] (another size is cropped/resized with a
@@ -75,10 +76,12 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
     from ``seed``: for tests and benchmarks). Decoding is argmax unless ``temperature > 0``
     (optionally ``top_k``), sampled with a generator seeded by ``seed``. ``realtime=True`` paces
     ``frames()`` to 25 fps. ``controls``: initial control values (see ``Session.control``).
+    ``refine``: extra refinement passes per frame (``runtime/refine.py``; models trained with
+    ``refine``, torch backend); 0 = one pass per frame.
     """
     if portrait is None:
         raise ValueError("open_session needs portrait= (an image path or a uint8 RGB array [H, W, 3])")
     eng = Engine(make_backend(model, backend, random_init=random_init, seed=seed, device=device,
                               precision=precision, **backend_options), max_sessions=1)
     return eng.open_session(portrait, realtime=realtime, temperature=temperature, top_k=top_k, seed=seed,
-                            idle_motion=idle_motion, controls=controls, _owns_engine=True)
+                            idle_motion=idle_motion, controls=controls, refine=refine, _owns_engine=True)

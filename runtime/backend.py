@@ -100,6 +100,26 @@ class Backend(abc.ABC):
              past_lag: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One frame for B sessions -> (logits [B,N,V], new_k, new_v [L,B,H,P,D]), all float32."""
 
+    def refine(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft: np.ndarray,
+               draft_known: np.ndarray) -> np.ndarray:
+        """A refinement pass of the frame ``step`` just made (``runtime/refine.py``): the same inputs
+        plus the frame's draft int64 [B,N] and which of it is known, bool [B,N] -> logits [B,N,V].
+        Only backends that run the model with a draft input implement it."""
+        raise NotImplementedError(f"the {self.name} backend cannot run refinement passes")
+
+    def refine_blocker(self) -> str | None:
+        """Why refinement passes cannot run here, or None when they can."""
+        if not getattr(self.cfg, "refine", False):
+            return "this model was not trained to refine (its config has refine=false)"
+        if type(self).refine is Backend.refine:
+            return f"the {self.name} backend cannot run refinement passes (use the torch or onnxruntime backend)"
+        return None
+
+    @property
+    def can_refine(self) -> bool:
+        """The model was trained to refine (``cfg.refine``) and this backend runs refinement passes."""
+        return self.refine_blocker() is None
+
     @abc.abstractmethod
     def decode_float(self, tokens: np.ndarray, ref: np.ndarray) -> np.ndarray:
         """int64 [B,N] + ref [B,...] -> float32 images [B,3,S,S] in [0,1]."""

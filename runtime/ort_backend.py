@@ -206,8 +206,9 @@ class OrtBackend(Backend):
             cfg = bundle.cfg if cfg is None else cfg
             weights_hash = weights_hash or bundle_hash(bundle)
         provider = provider or device or "cpu"
+        kinds = GRAPH_KINDS + (("refine",) if "refine" in md.read_manifest(Path(onnx_dir))["files"] else ())
         self.graphs = OrtGraphs(onnx_dir, provider, config=cfg.to_dict() if cfg is not None else None,
-                                weights_hash=weights_hash, threads=threads, graphs=GRAPH_KINDS,
+                                weights_hash=weights_hash, threads=threads, graphs=kinds,
                                 profile_prefix=profile_prefix, precision=precision)
         if cfg is None:   # the manifest's config (OrtBackend(onnx_dir) alone)
             from eartalk.model.config import ModelConfig
@@ -244,6 +245,21 @@ class OrtBackend(Backend):
             np.asarray(cond_mask, np.bool_), np.asarray(past_k, np.float32), np.asarray(past_v, np.float32),
             np.asarray(past_lag, np.int32))
         return logits, k, v
+
+    def refine(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft, draft_known):
+        return self.graphs["refine"](
+            np.asarray(prev_tokens, np.int64), np.asarray(audio, np.float32), np.asarray(cond, np.float32),
+            np.asarray(cond_mask, np.bool_), np.asarray(past_k, np.float32), np.asarray(past_v, np.float32),
+            np.asarray(past_lag, np.int32), np.asarray(draft, np.int64), np.asarray(draft_known, np.bool_))[0]
+
+    def refine_blocker(self) -> str | None:
+        why = super().refine_blocker()
+        if why is None and "refine" not in self.graphs.graphs:
+            return (f"{self.graphs.dir} has no refine.onnx (exported before refinement, or with --graphs "
+                    f"leaving it out): re-export with `eartalk export onnx`")
+        if why is None and self.precision != "fp32":
+            return f"refinement passes run on the fp32 graphs only (precision {self.precision} has no quantized refine graph)"
+        return why
 
     def decode_float(self, tokens, ref):
         return self.graphs["tokenizer_decode"](np.asarray(tokens, np.int64), np.asarray(ref, np.float32))[0]

@@ -2,8 +2,10 @@
 
 ``tick()`` takes every open session with a frame's audio ready and runs them as one batch:
 
-    build_page_table -> gather (dense past) -> backend.step (ONE call) -> begin_step -> append
-    -> per-session sampling -> backend.decode -> each session's frame queue
+    build_page_table -> gather (dense past) -> backend.step (ONE call) -> per-session sampling
+    [-> refinement passes: backend.refine, once per extra pass, for the sessions opened with
+    refine > 0 (runtime/refine.py)] -> backend.decode -> begin_step -> append -> each session's
+    frame queue
 
 (the call order ``runtime/page_table.py`` documents). Sessions join (``open_session``) and leave
 (``close_session``) between any two ticks; they need not be at the same frame.
@@ -28,6 +30,7 @@ import torch
 from .kv_cache import KVCache
 from .page_pool import PagePool, PoolFullError
 from .page_table import SessionPages, build_page_table
+from .refine import confidence, grow_known, hidden_after
 from .session import Session, StreamState
 
 __all__ = ["Engine", "PoolFullError"]
@@ -68,8 +71,11 @@ class Engine:
     # ------------------------------------------------------------------ sessions
     def open_session(self, portrait, *, realtime: bool = False, temperature: float = 0.0,
                      top_k: int | None = None, seed: int = 0, idle_motion: bool = True,
-                     controls: dict | None = None, _owns_engine: bool = False) -> Session:
+                     controls: dict | None = None, refine: int = 0, _owns_engine: bool = False) -> Session:
         """Encode the portrait, reserve and prefill the sink page(s); -> :class:`Session`.
+
+        ``refine``: extra passes per frame (``runtime/refine.py``; a model trained with
+        ``cfg.refine`` on a backend that runs them, else ValueError); 0 = one pass.
 
         ``portrait``: uint8 RGB array [H, W, 3] or an image path. Raises ``PoolFullError`` when the
         pool cannot hold one more session; nothing is held on any error.
@@ -89,7 +95,8 @@ class Engine:
             k, v = _expand_sinks(k, v, self.cfg.sink_frames)
             self.cache.append(np.asarray(pages.sink_pages, np.int32), k, v)
             state = StreamState(next(self._ids), self.cfg, self.backend, pages, tokens, ref,
-                                temperature=temperature, top_k=top_k, seed=seed, idle_motion=idle_motion)
+                                temperature=temperature, top_k=top_k, seed=seed, idle_motion=idle_motion,
+                                refine=refine)
             if controls:
                 state.control(None, **controls)
         except BaseException:
@@ -168,12 +175,41 @@ class Engine:
                                                      past_v.cpu().numpy(), past_lag.cpu().numpy())
             new_k, new_v = torch.from_numpy(np.asarray(new_k)), torch.from_numpy(np.asarray(new_v))
         tokens = np.stack([s.pick_tokens(logits[b]) for b, s in enumerate(batch)])
+        if any(s.refine for s in batch):
+            tokens = self._refine(batch, (prev, audio, cond, cond_mask, past_k, past_v, past_lag), logits, tokens)
         images = self.backend.decode(tokens, np.stack([s.ref for s in batch]))
         # Nothing above changed any session: a failure there can be retried per session.
         pages = [s.pages.begin_step() for s in batch]
         self.cache.append(pages, new_k, new_v)
         for b, s in enumerate(batch):
             s.emit(tokens[b], images[b])
+
+    def _refine(self, batch: list[StreamState], step_args, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The refinement passes of this tick's frame (``runtime/refine.py``): session b takes
+        ``batch[b].refine`` more passes; pass j runs the sessions that still have one, as one batch."""
+        N = self.cfg.tokens_per_frame
+        tokens = tokens.copy()
+        known = np.zeros(tokens.shape, bool)
+        conf = confidence(logits)
+        for b, s in enumerate(batch):
+            if s.refine:
+                known[b] = grow_known(known[b], conf[b], hidden_after(1, s.refine + 1, N))
+        for j in range(1, max(s.refine for s in batch) + 1):
+            rows = [b for b, s in enumerate(batch) if s.refine >= j]
+            prev, audio, cond, cond_mask, past_k, past_v, past_lag = step_args
+            if len(rows) < len(batch):          # the dense past of those sessions only
+                sel = torch.as_tensor(rows, device=past_k.device)
+                past_k, past_v, past_lag = past_k.index_select(1, sel), past_v.index_select(1, sel), \
+                    past_lag.index_select(0, sel.to(past_lag.device))
+            out = self.backend.refine(prev[rows], audio[rows], cond[rows], cond_mask[rows], past_k, past_v, past_lag,
+                                      tokens[rows], known[rows])
+            out = np.asarray(out)
+            for i, b in enumerate(rows):
+                s, hide = batch[b], ~known[b]
+                tokens[b, hide] = s.pick_tokens(out[i])[hide]
+                c = confidence(out[i])
+                known[b] = grow_known(known[b], np.where(hide, c, np.inf), hidden_after(j + 1, s.refine + 1, N))
+        return tokens
 
     def run_until_idle(self) -> int:
         """Tick until no session has a frame ready; returns the number of ticks."""

@@ -52,7 +52,11 @@ class StreamState:
 
     def __init__(self, sid: int, cfg, backend, pages, portrait_tokens: np.ndarray, ref: np.ndarray,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                 idle_motion: bool = True):
+                 idle_motion: bool = True, refine: int = 0):
+        if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
+            raise ValueError(f"refine must be an int >= 0 (extra passes per frame; 0 = one pass), got {refine!r}")
+        if refine and backend.refine_blocker():
+            raise ValueError(f"refine={refine}: {backend.refine_blocker()}; or use refine=0 (one pass per frame)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -71,6 +75,7 @@ class StreamState:
         self.temperature, self.top_k, self.seed = float(temperature), top_k, int(seed)
         self.generator = torch.Generator().manual_seed(self.seed) if temperature > 0 else None
         self.idle_motion = bool(idle_motion)
+        self.refine = int(refine)       # extra passes per frame (runtime/refine.py)
         self._idle = None
         self.frame_index = 0            # next frame to step
         self.out: deque[Frame] = deque()

@@ -54,7 +54,8 @@ def _block(blk, x, cur_bias, past_k, past_v, past_bias, keep):
     return x + _linear(out, act(_linear(fc, blk.ln2(x)))), k, v
 
 
-def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag):
+def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag,
+                         draft=None, draft_known=None):
     """``gpt.step`` (same contract, same maths) whose per-session results do not depend on B."""
     gpt._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
     c = gpt.cfg
@@ -65,7 +66,7 @@ def batch_invariant_step(gpt: EARTalkGPT, prev_tokens, audio, cond, cond_mask, p
     ca = c.cond_tokens + c.audio_tokens
     q1, act, q2 = gpt.query_cond
     frame = _linear(q2, act(_linear(q1, ctx[:, None, :ca].flatten(2)))).view(ctx.shape[0], N, -1)
-    qry = gpt.query_emb + gpt.slot_emb[ca:] + frame
+    qry = gpt.query_emb + gpt.slot_emb[ca:] + frame + gpt._draft(draft, draft_known)
     x = torch.cat([ctx, qry], dim=1)
     past = lag_bias(gpt.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)
     cur = lag_bias(gpt.lag_bias, gpt.frame_lag, W).permute(2, 3, 0, 1)
@@ -103,6 +104,8 @@ class TorchBackend(Backend):
         self.batch_invariant = bool(batch_invariant)
 
     def _t(self, a, dtype=None) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):
+            return a.to(device=self.device, dtype=dtype)
         return torch.as_tensor(np.asarray(a), dtype=dtype, device=self.device)
 
     @staticmethod
@@ -140,6 +143,16 @@ class TorchBackend(Backend):
             if self.batch_invariant:
                 return batch_invariant_step(self.bundle.gpt, *args)
             return self.bundle.gpt.step(*args)
+
+    def refine(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft, draft_known):
+        args = (self._t(prev_tokens, torch.int64), self._t(audio, torch.float32),
+                self._t(cond, torch.float32), self._t(cond_mask, torch.bool),
+                self._t(past_k, torch.float32), self._t(past_v, torch.float32), self._t(past_lag, torch.int32))
+        drafts = self._t(draft, torch.int64), self._t(draft_known, torch.bool)
+        with torch.inference_mode():
+            if self.batch_invariant:
+                return self._np(batch_invariant_step(self.bundle.gpt, *args, *drafts)[0])
+            return self._np(self.bundle.gpt.step(*args, *drafts)[0])
 
     def decode_float(self, tokens, ref):
         tok = self._t(tokens, torch.int64)

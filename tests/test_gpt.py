@@ -31,7 +31,7 @@ def random_inputs(cfg: ModelConfig, B: int, T: int, seed=1):
     return tokens, portrait, audio, cond, mask
 
 
-def stream(model, portrait, tokens, audio, cond, mask):
+def stream(model, portrait, tokens, audio, cond, mask, draft=None, known=None):
     """Prefill + step frame by frame through a page cache: sinks first, then the window oldest ->
     newest, empty slots zero with lag -2; the oldest window page is dropped after W frames."""
     cfg = model.cfg
@@ -46,7 +46,8 @@ def stream(model, portrait, tokens, audio, cond, mask):
             past_k[:, :, :, j * P:(j + 1) * P] = k
             past_v[:, :, :, j * P:(j + 1) * P] = v
             past_lag[:, j * P:(j + 1) * P] = lag
-        logits, nk, nv = model.step(prev, audio[:, t], cond[:, t], mask[:, t], past_k, past_v, past_lag)
+        drafts = {} if draft is None else {"draft": draft[:, t], "draft_known": known[:, t]}
+        logits, nk, nv = model.step(prev, audio[:, t], cond[:, t], mask[:, t], past_k, past_v, past_lag, **drafts)
         assert nk.shape == (cfg.n_layer, B, cfg.n_head, P, cfg.head_dim) == nv.shape
         window = (window + [(nk, nv)])[-W:]
         prev = tokens[:, t]
@@ -130,6 +131,40 @@ def test_windowed_training_equals_the_full_mask_reference():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         for x, y in zip(ga, gb):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_drafts_enter_the_query_slots_alike_in_training_streaming_and_reference():
+    """Refinement (cfg.refine): a frame's known draft tokens reach its query slots; forward_train,
+    its full-mask reference and step give the same logits; the page K/V do not depend on the
+    draft; an all-unknown draft is the plain pass, bit for bit."""
+    model = make_model(refine=True)
+    cfg = model.cfg
+    T = cfg.window + 2
+    tokens, portrait, audio, cond, mask = random_inputs(cfg, 2, T)
+    g = torch.Generator().manual_seed(5)
+    draft = torch.randint(0, cfg.codebook_size, tokens.shape, generator=g)
+    known = torch.rand(tokens.shape, generator=g) < 0.5
+    with torch.no_grad():
+        train = model.forward_train(tokens, portrait, audio, cond, mask, draft=draft, draft_known=known)
+        ref = model._forward_train_masked(tokens, portrait, audio, cond, mask, draft=draft, draft_known=known)
+        streamed = stream(model, portrait, tokens, audio, cond, mask, draft, known)
+        plain = model.forward_train(tokens, portrait, audio, cond, mask)
+        none_known = model.forward_train(tokens, portrait, audio, cond, mask, draft=draft,
+                                         draft_known=torch.zeros_like(known))
+    torch.testing.assert_close(train, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(streamed, train, atol=1e-5, rtol=0)
+    assert (train - plain).abs().amax() > 0.1                  # the draft is read
+    assert torch.equal(none_known, plain)
+    # the cache page of a drafted pass is the plain pass's
+    past = model.empty_cache(2)
+    a = model.step(portrait, audio[:, 0], cond[:, 0], mask[:, 0], *past)
+    b = model.step(portrait, audio[:, 0], cond[:, 0], mask[:, 0], *past, draft=draft[:, 0], draft_known=known[:, 0])
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    with pytest.raises(ValueError, match="draft and draft_known must both be given"):
+        model.step(portrait, audio[:, 0], cond[:, 0], mask[:, 0], *past, draft=draft[:, 0])
+    with pytest.raises(ValueError, match="not trained to refine"):
+        make_model().step(portrait, audio[:, 0], cond[:, 0], mask[:, 0], *past, draft=draft[:, 0],
+                          draft_known=known[:, 0])
 
 
 def test_training_forward_is_causal_and_windowed():

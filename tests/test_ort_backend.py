@@ -162,3 +162,54 @@ def test_default_model_parity_500_frames(tmp_path):
     # not reached (issue 5 stays open on that point); more than one level would be a real bug.
     fa, fo = to_uint8_frames(a["images"]).astype(int), to_uint8_frames(o["images"]).astype(int)
     assert np.abs(fa - fo).max() <= 1 and (fa != fo).mean() < 1e-3
+
+
+def test_refine_graph_matches_torch_and_serves_refining_sessions(tmp_path):
+    """A model trained with refinement exports refine.onnx (the step with a draft, logits only):
+    same logits as torch's drafted step; an ORT session with refine=2 makes the torch session's frames."""
+    import torch
+    from eartalk.model.bundle import new_bundle
+    from eartalk.model.config import preset
+    from eartalk.runtime import Engine
+    b = new_bundle(preset("test", refine=True), seed=1)
+    with torch.no_grad():             # drafts large enough to flip tokens (tests/test_refine.py)
+        g = torch.Generator().manual_seed(0)
+        for p in (b.gpt.draft_known, b.gpt.digit_emb.weight, b.gpt.head.weight):
+            p.copy_(torch.randn(p.shape, generator=g))
+    m = export_onnx(b.cfg, b.gpt, b.tokenizer, b.audio, tmp_path, model_name="test", weights_hash=bundle_hash(b))
+    assert m["files"]["refine"]["inputs"]["draft_known"] == {"dtype": "bool", "shape": ["batch", 4]}
+    assert list(m["files"]["refine"]["outputs"]) == ["logits"]
+    ort_b, torch_b = OrtBackend.from_bundle(tmp_path, b), TorchBackend(b)
+    c, rng = b.cfg, np.random.default_rng(0)
+    pk = rng.standard_normal((c.n_layer, 3, c.n_head, c.cache_tokens, c.head_dim)).astype(np.float32)
+    lag = np.full((3, c.cache_tokens), 1, np.int32)
+    lag[:, :c.page_tokens] = -1
+    args = (rng.integers(0, c.codebook_size, (3, 4)), rng.standard_normal((3, 2, 16)).astype(np.float32),
+            rng.standard_normal((3, 4, 16)).astype(np.float32), rng.random((3, 4)) < 0.5, pk, pk, lag,
+            rng.integers(0, c.codebook_size, (3, 4)), rng.random((3, 4)) < 0.5)
+    np.testing.assert_allclose(ort_b.refine(*args), torch_b.refine(*args), atol=1e-5, rtol=0)
+    portrait = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pcm = (rng.standard_normal(c.samples_per_frame * 8) * 0.2).astype(np.float32)
+    frames = {}
+    for name, be in (("torch", torch_b), ("ort", ort_b)):
+        with Engine(be, max_sessions=1) as eng:
+            s = eng.open_session(portrait, refine=2, idle_motion=False)
+            s.push_audio(pcm)
+            s.flush()
+            frames[name] = np.stack([f.image for f in s.frames()])
+    assert frames["torch"].shape[0] == 8 and np.array_equal(frames["torch"], frames["ort"])
+
+
+def test_refinement_is_refused_without_a_refine_graph(bundle, onnx_dir):
+    from eartalk.model.bundle import new_bundle
+    from eartalk.model.config import preset
+    be = OrtBackend.from_bundle(onnx_dir, bundle)
+    assert "refine" not in json.loads((onnx_dir / "manifest.json").read_text())["files"]
+    assert "not trained to refine" in be.refine_blocker()
+    with pytest.raises(ValueError, match=r"unknown graphs \['refine'\].*only for a model trained with refinement"):
+        export_onnx(bundle.cfg, bundle.gpt, bundle.tokenizer, bundle.audio, onnx_dir, graphs=("refine",))
+    b = new_bundle(preset("test", refine=True), seed=1)       # a refining model exported without it
+    out = onnx_dir.parent / "no_refine_graph"
+    export_onnx(b.cfg, b.gpt, b.tokenizer, b.audio, out, weights_hash=bundle_hash(b),
+                graphs=("step", "prefill", "tokenizer_encode", "tokenizer_reference", "tokenizer_decode", "audio_encoder"))
+    assert "has no refine.onnx" in OrtBackend.from_bundle(out, b).refine_blocker()

@@ -156,7 +156,7 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     rep = gpt_stage("smoke", corpus, out, progress=False)
     assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])
     bundle = load_bundle(out)                       # hash and config checked
-    assert bundle.cfg == preset("test")
+    assert bundle.cfg == preset("test", refine=True)   # the smoke recipe trains refinement
     card = json.loads((out / "model.json").read_text())
     assert card["recipe"] == "smoke" and card["training"]["tokenizer"]["val_psnr"] == tok["val_psnr"]
     # a second run resumes from the checkpoint: its step count continues
@@ -316,3 +316,42 @@ def test_stale_windows_read_the_stale_history_and_are_scored_on_their_own_frames
         want = F.cross_entropy(logits.flatten(0, 2), b.tokens.flatten())
         assert float(gpt_loss(bundle, b, stale_prob=1.0)) == pytest.approx(float(want), rel=1e-6)
         assert torch.equal(gpt_loss(bundle, b, stale_prob=0.0), gpt_loss(bundle, b))
+
+
+def test_draft_mask_drafts_a_share_of_windows_with_maskgit_hidden_fractions():
+    from eartalk.model.train_gpt import draft_mask
+    known = draft_mask(4000, 2, 64, 0.5, torch.Generator().manual_seed(0))
+    drafted = known.any(dim=(1, 2))
+    assert known.shape == (4000, 2, 64) and known.dtype == torch.bool
+    assert abs(drafted.float().mean().item() - 0.5) < 0.03
+    # hidden share r = cos(pi/2 u), u ~ U(0,1): mean 2/pi; frames draw their own r
+    hidden = (~known[drafted]).float().mean(-1)
+    assert abs(hidden.mean().item() - 2 / np.pi) < 0.02
+    assert hidden.std().item() > 0.2
+    assert not draft_mask(50, 2, 64, 0.0, torch.Generator().manual_seed(0)).any()
+    with pytest.raises(ValueError, match="draft_prob must be in"):
+        draft_mask(2, 2, 4, 1.5)
+
+
+def test_drafted_windows_read_their_known_targets_and_are_scored_on_the_hidden_ones():
+    from eartalk.model.train_gpt import draft_mask, gpt_loss
+    bundle = new_bundle(preset("test", refine=True))
+    with torch.no_grad():
+        for p in bundle.gpt.parameters():          # an untrained head is ~0: make the inputs matter
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    toks, prev, port, aud, cond, mask = b = _batch(bundle.cfg, B=3, T=4)
+    known = draft_mask(*toks.shape, 1.0, torch.Generator().manual_seed(7))   # the draw gpt_loss makes
+    assert known.any() and (~known).any()
+    with torch.no_grad():
+        ce = F.cross_entropy(bundle.gpt.forward_train(toks, port, aud, cond, mask, prev_first=prev, draft=toks,
+                                                      draft_known=known).flatten(0, 2),
+                             toks.flatten(), reduction="none").view(toks.shape)
+        before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
+        w = torch.where(toks != before, 3.0, 1.0) * (~known)
+        want = float((ce * w).sum() / w.sum())
+        got = gpt_loss(bundle, b, gen=torch.Generator().manual_seed(7), change_weight=3.0, draft_prob=1.0)
+        assert float(got) == pytest.approx(want, rel=1e-6)
+        plain = float(gpt_loss(bundle, b, change_weight=3.0))
+        assert abs(plain - want) > 1e-3                 # the draft and the scoring did change the loss
+    with pytest.raises(ValueError, match="refine=True"):
+        gpt_loss(new_bundle(preset("test")), b, draft_prob=0.5)

@@ -85,11 +85,11 @@ def _graphs(s):
 
 
 def _onnx(args) -> int:
-    from eartalk.export.onnx_export import GRAPHS, export_onnx
+    from eartalk.export.onnx_export import export_onnx
     t0 = time.perf_counter()
     cfg, gpt, tok, enc, wh = load_models(args.model, args.random_init, args.seed)
     m = export_onnx(cfg, gpt, tok, enc, args.out, model_name=args.model, weights_hash=wh, opset=args.opset,
-                    graphs=_graphs(args.graphs) or GRAPHS, log=print)
+                    graphs=_graphs(args.graphs), log=print)
     print(f"wrote {len(m['files'])} graphs + manifest.json to {args.out} in {time.perf_counter() - t0:.1f} s "
           f"(opset {m['opset']}, weights sha256 {m['weights_sha256'][:16]}...)")
     return 0

@@ -14,6 +14,10 @@ def add_model_options(p, backends: bool = True) -> None:
         p.add_argument("--onnx-dir", type=Path, default=None, help="exported ONNX folder (--backend onnxruntime)")
         p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
                        help="fp32 (default), or the quantized graphs of `eartalk calibrate` (--backend onnxruntime)")
+    p.add_argument("--refine", type=int, default=0, metavar="K",
+                   help="K extra refinement passes per frame: the most confident tokens are kept and the rest "
+                        "predicted again, K + 1 passes in all (models trained with refinement, torch backend; "
+                        "default 0, one pass)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --random-init, sampling and idle motion (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

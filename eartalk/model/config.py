@@ -54,6 +54,10 @@ class ModelConfig:
     cond_tokens: int = len(CONTROL_KINDS)  # C
     cond_dim: int = COND_DIM       # Dc
     max_batch: int = 16
+    # Few-step refinement: the query slots can also read a draft of the frame's own tokens (some
+    # known, the rest to predict), trained MaskGIT-style (train_gpt.draft_mask). Off: the model
+    # predicts every token in one pass only, as every bundle before 2026-12-04 (session 16) did.
+    refine: bool = False
     # derived (filled in __post_init__)
     tokens_per_frame: int = field(init=False)   # N
     page_tokens: int = field(init=False)        # P = C + A + N: K/V appended per step

@@ -187,6 +187,9 @@ class EARTalkGPT(nn.Module):
         # (tokenizer state_head) are a function of the controls and the mouth instead.
         self.query_cond = nn.Sequential(nn.Linear((C + A) * d, query_hidden), nn.GELU(),
                                         nn.Linear(query_hidden, N * d))
+        # Refinement (cfg.refine): a known draft token enters its query slot as its code's embedding
+        # plus this marker; unknown slots get nothing, so a pass without a draft is the plain step.
+        self.draft_known = nn.Parameter(torch.zeros(1, d)) if cfg.refine else None
         self.lag_bias = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.window + 2))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -206,8 +209,9 @@ class EARTalkGPT(nn.Module):
                     nn.init.zeros_(m.bias)
         with torch.no_grad():   # a code's embedding starts as the sum of its digits' (ordinal structure)
             self.tok_emb.weight.zero_()
-        for p in (self.cond_kind, self.cond_free, self.audio_null, self.query_emb, self.slot_emb):
-            nn.init.normal_(p, 0.0, std)
+        for p in (self.cond_kind, self.cond_free, self.audio_null, self.query_emb, self.slot_emb, self.draft_known):
+            if p is not None:
+                nn.init.normal_(p, 0.0, std)
         # GPT-2: residual branches scaled so the residual stream's variance does not grow with depth.
         for blk in self.blocks:
             nn.init.normal_(blk.attn.proj.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
@@ -280,7 +284,21 @@ class EARTalkGPT(nn.Module):
             out = out + digit_logits[..., d]
         return out
 
-    def _queries(self, ctx: Tensor) -> Tensor:
+    def _draft(self, draft: Tensor | None, known: Tensor | None) -> Tensor | float:
+        """What a draft adds to the query slots: [B,N,d] (``draft`` int64 [B,N] codes, ``known``
+        bool [B,N]: which of them to trust), or 0 without a draft."""
+        if draft is None and known is None:
+            return 0.0
+        if not self.cfg.refine:
+            raise ValueError("this model was not trained to refine (its config has refine=False): "
+                             "it takes no draft tokens; use a model trained with refinement or refine=0")
+        if draft is None or known is None or tuple(draft.shape) != tuple(known.shape) or draft.shape[-1] != self.cfg.tokens_per_frame:
+            raise ValueError(f"draft and draft_known must both be given, of shape [B, {self.cfg.tokens_per_frame}]; got "
+                             f"{None if draft is None else tuple(draft.shape)} and {None if known is None else tuple(known.shape)}")
+        emb = self.embed_tokens(draft) + self.draft_known
+        return torch.where(known.unsqueeze(-1), emb, torch.zeros_like(emb))
+
+    def _queries(self, ctx: Tensor, draft: Tensor | None = None, known: Tensor | None = None) -> Tensor:
         """[B,N,d] query slots from the frame's context embeddings ``ctx`` [B,P,d]: query slot i is
         token position i's slot vector plus the query vector plus its own vector of ``query_cond``,
         a map of the frame's C condition and A audio embeddings. The previous frame's tokens are
@@ -294,7 +312,7 @@ class EARTalkGPT(nn.Module):
         c = self.cfg
         ca, N = c.cond_tokens + c.audio_tokens, c.tokens_per_frame
         frame = self.query_cond(ctx[:, :ca].flatten(1)).view(ctx.shape[0], N, -1)   # [B,N,d]
-        return self.query_emb + self.slot_emb[ca:] + frame
+        return self.query_emb + self.slot_emb[ca:] + frame + self._draft(draft, known)
 
     def _digit_logits(self, x: Tensor) -> Tensor:
         return F.linear(self.ln_f(x), self._centered_head())
@@ -346,17 +364,22 @@ class EARTalkGPT(nn.Module):
         return torch.stack(ks), torch.stack(vs)
 
     def step(self, prev_tokens: Tensor, audio: Tensor, cond: Tensor, cond_mask: Tensor,
-             past_k: Tensor, past_v: Tensor, past_lag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+             past_k: Tensor, past_v: Tensor, past_lag: Tensor, draft: Tensor | None = None,
+             draft_known: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """One frame (see ``shared/design.md``, the step contract).
 
         prev_tokens int64 [B,N], audio [B,A,F], cond [B,C,Dc], cond_mask bool [B,C],
         past_k/past_v [L,B,H,S,D], past_lag int32 [B,S] -> logits [B,N,V], new_k/new_v [L,B,H,P,D].
+
+        ``draft`` int64 [B,N] / ``draft_known`` bool [B,N] (models with ``cfg.refine``): a refinement
+        pass of the same frame, its known draft tokens in their query slots. Context rows never see
+        query slots, so new_k/new_v are those of the pass without a draft.
         """
         self._check_step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
         P, W = self.cfg.page_tokens, self.cfg.window
         prev_emb = self.embed_tokens(prev_tokens)
         ctx = self._context(prev_emb, self.audio_proj(audio), cond, cond_mask)
-        x = torch.cat([ctx, self._queries(ctx)], dim=1)
+        x = torch.cat([ctx, self._queries(ctx, draft, draft_known)], dim=1)
         past = lag_bias(self.lag_bias, past_lag, W).permute(2, 0, 3, 1).unsqueeze(3)  # [L,B,H,1,S]
         cur = lag_bias(self.lag_bias, self.frame_lag, W).permute(2, 3, 0, 1)          # [L,H,P+N,P+N]
         ks, vs = [], []
@@ -378,7 +401,8 @@ class EARTalkGPT(nn.Module):
 
     # ---- training
     def forward_train(self, tokens: Tensor, portrait_tokens: Tensor, audio: Tensor, cond: Tensor,
-                      cond_mask: Tensor, prev_first: Tensor | None = None, digits: bool = False) -> Tensor:
+                      cond_mask: Tensor, prev_first: Tensor | None = None, digits: bool = False,
+                      draft: Tensor | None = None, draft_known: Tensor | None = None) -> Tensor:
         """Teacher forcing of T frames under SFA -> logits [B,T,N,V] (``digits``: the per-digit
         logits [B,T,N,sum(levels)] instead, for :meth:`code_nll`).
 
@@ -386,6 +410,7 @@ class EARTalkGPT(nn.Module):
         audio [B,T,A,F], cond [B,T,C,Dc], cond_mask bool [B,T,C]. ``prev_first`` [B,N]: the
         tokens frame 0 reads as its previous frame (default: the portrait's, as at a stream's
         start); training on windows cut from the middle of a clip passes the frame before.
+        ``draft`` int64 [B,T,N] / ``draft_known`` bool [B,T,N]: each frame's draft, as ``step`` takes it.
 
         Each frame's rows attend only to the keys ``step`` would see, gathered per frame: the sink
         page, the W pages before it (missing ones masked) and its own P+N rows, i.e. the visible
@@ -394,7 +419,8 @@ class EARTalkGPT(nn.Module):
         ``prefill`` + ``step`` frame by frame (tested); about 3x faster to train.
         """
         c = self.cfg
-        B, T, sink, ctx, qry = self._train_inputs(tokens, portrait_tokens, audio, cond, cond_mask, prev_first)
+        B, T, sink, ctx, qry = self._train_inputs(tokens, portrait_tokens, audio, cond, cond_mask, prev_first,
+                                                  draft, draft_known)
         P, N, W, H, D = c.page_tokens, c.tokens_per_frame, c.window, c.n_head, c.head_dim
         lag_keys, own_mask, rows = _window_lags(T, P, N, W, tokens.device)
         x = torch.cat([ctx.view(B, T, P, -1), qry.view(B, T, N, -1)], dim=2)    # [B,T,P+N,d]
@@ -427,10 +453,12 @@ class EARTalkGPT(nn.Module):
         return self._digit_logits(x[:, :, P:]) if digits else self._logits(x[:, :, P:])
 
     def _forward_train_masked(self, tokens: Tensor, portrait_tokens: Tensor, audio: Tensor, cond: Tensor,
-                              cond_mask: Tensor, prev_first: Tensor | None = None) -> Tensor:
+                              cond_mask: Tensor, prev_first: Tensor | None = None, draft: Tensor | None = None,
+                              draft_known: Tensor | None = None) -> Tensor:
         """Reference for :meth:`forward_train`: the whole sequence under the [L, L] ``sfa_mask``."""
         c = self.cfg
-        B, T, sink, ctx, qry = self._train_inputs(tokens, portrait_tokens, audio, cond, cond_mask, prev_first)
+        B, T, sink, ctx, qry = self._train_inputs(tokens, portrait_tokens, audio, cond, cond_mask, prev_first,
+                                                  draft, draft_known)
         P, N = c.page_tokens, c.tokens_per_frame
         frames = torch.cat([ctx, qry], dim=1).view(B, T * (P + N), -1)
         x = torch.cat([sink, frames], dim=1)
@@ -441,7 +469,7 @@ class EARTalkGPT(nn.Module):
         q = x[:, P:].view(B, T, P + N, -1)[:, :, P:]
         return self._logits(q)
 
-    def _train_inputs(self, tokens, portrait_tokens, audio, cond, cond_mask, prev_first):
+    def _train_inputs(self, tokens, portrait_tokens, audio, cond, cond_mask, prev_first, draft=None, draft_known=None):
         """Checked shapes -> (B, T, sink context [B,P,d], contexts [B*T,P,d], queries [B*T,N,d])."""
         c = self.cfg
         B, T = tokens.shape[:2]
@@ -457,7 +485,9 @@ class EARTalkGPT(nn.Module):
         prev_emb, port_emb = self.embed_tokens(flat(prev)), self.embed_tokens(portrait_tokens)
         ctx = self._context(prev_emb, self.audio_proj(flat(audio)), flat(cond), flat(cond_mask))
         sink = self._context(port_emb, self.audio_null.expand(B, -1, -1), None, None)
-        return B, T, sink, ctx, self._queries(ctx)
+        drafts = (None, None) if draft is None and draft_known is None else \
+            (None if draft is None else flat(draft), None if draft_known is None else flat(draft_known))
+        return B, T, sink, ctx, self._queries(ctx, *drafts)
 
     # ---- input checks (shapes only: static, so they vanish from an exported graph)
     def _check_tokens(self, t: Tensor, name: str):
@@ -493,6 +523,20 @@ class StepModule(nn.Module):
 
     def forward(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag):
         return self.model.step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
+
+
+class RefineModule(nn.Module):
+    """A refinement pass (``model.step`` with a draft) as ``forward`` -> logits only: its K/V are
+    those of the step already made for the frame (context rows never see query slots)."""
+    input_names = StepModule.input_names + ["draft", "draft_known"]
+    output_names = ["logits"]
+
+    def __init__(self, model: EARTalkGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft, draft_known):
+        return self.model.step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft, draft_known)[0]
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -35,6 +35,8 @@ RECIPES = {
     # replacements are same-position codes of another window, not uniform random codes.
     # gpt_stale: share of training windows that read a stale history of their own clip (lagged or
     # frozen frames, train_gpt.stale_history) instead of their true previous frames.
+    # gpt_refine: share of training windows with a known draft of part of their own tokens (few-step
+    # refinement, ModelConfig.refine; train_gpt.draft_mask); 0: a one-pass model (refine=False).
     # tok_self: one tokenizer sample in that many is the portrait against itself (0: none; every
     # frame sample then goes to corpus frames, which is what the transformer's targets are).
     # tok_pair: weight of the tokenizer's frame-to-frame latent term (VQTokenizer.loss pair_weight;
@@ -46,11 +48,11 @@ RECIPES = {
     # eartalk.data.expression_map, VQTokenizer.loss expr_weight); 0: whole-frame weighting only.
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
-                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=None, val_clips=24),
+                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
-                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, max_clips=4, val_clips=4),
+                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, max_clips=4, val_clips=4),
 }
 
 
@@ -141,7 +143,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     train the audio encoder and the transformer (resumable from ``out/work/gpt_ckpt.pt``); then
     write the bundle ``out/model.safetensors`` + ``out/model.json``."""
     r = _recipe(name)
-    cfg = preset(r["preset"])
+    cfg = preset(r["preset"], refine=r["gpt_refine"] > 0)
     out = Path(out)
     work = out / "work"
     tok_path = work / "tokenizer.safetensors"
@@ -169,7 +171,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
                             corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"],
                             start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"], change_weight=r["gpt_change"],
                             portrait_share=r["gpt_portrait"], plausible=r["gpt_plausible"], stale_prob=r["gpt_stale"],
-                            seed=seed, progress=progress))
+                            draft_prob=r["gpt_refine"], seed=seed, progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
     card = json.loads((corpus / "data_card.json").read_text()) if (corpus / "data_card.json").exists() else {}

@@ -285,9 +285,25 @@ def corrupt_inputs(toks: torch.Tensor, prev: torch.Tensor, corrupt: float | tupl
     return noisy(toks), noisy(prev)
 
 
+def draft_mask(B: int, T: int, N: int, draft_prob: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """bool [B,T,N]: which target tokens a training frame gets as its known draft (refinement).
+
+    A share ``draft_prob`` of the windows get drafts, the others none (every token predicted from
+    scratch, the first pass of a stream). In a drafted window each frame hides each token with
+    probability r = cos(pi/2 * u), u ~ U(0, 1) (MaskGIT's schedule: mostly-hidden frames, like the
+    early passes, are as common as mostly-known ones), the rest are known."""
+    if not 0.0 <= draft_prob <= 1.0:
+        raise ValueError(f"draft_prob must be in [0, 1], got {draft_prob!r}")
+    rows = torch.rand(B, generator=gen) < draft_prob
+    hide = torch.cos(0.5 * math.pi * torch.rand(B, T, 1, generator=gen))
+    known = torch.rand(B, T, N, generator=gen) >= hide
+    return known & rows[:, None, None]
+
+
 def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
              gen: torch.Generator | None = None, bf16: bool = False, change_weight: float = 1.0,
-             portrait_share: float = 0.0, plausible: bool = False, stale_prob: float = 0.0) -> torch.Tensor:
+             portrait_share: float = 0.0, plausible: bool = False, stale_prob: float = 0.0,
+             draft_prob: float = 0.0) -> torch.Tensor:
     """Token cross-entropy of teacher forcing. ``corrupt``: the fraction of *input* tokens (the
     previous frames the model reads) replaced by random codes, or a range ``(lo, hi)`` from which
     each window draws its own fraction; the targets stay clean. When streaming, the model reads its
@@ -301,7 +317,9 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
     ``portrait_share``: of the corrupted inputs, the share given the portrait's code (see
     :func:`corrupt_inputs`). ``stale_prob``: the share of windows that read the batch's stale
     history (``stale``/``stale_prev``, see :func:`stale_history`) instead of their own frames,
-    before the corruption."""
+    before the corruption. ``draft_prob`` (models with ``cfg.refine``): the share of windows whose
+    frames get part of their own targets as a known draft (:func:`draft_mask`); the loss then
+    counts only the tokens left to predict, as a refinement pass does."""
     toks, prev, port, aud, cond, mask = b[:6]
     inp, prev_in = toks, prev
     if stale_prob > 0:
@@ -312,14 +330,22 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
                                   plausible)
     # bf16 matmuls and attention (see precision.bf16_native and EARTalkGPT.forward_train); the loss stays in
     # float32
+    known = None
+    if draft_prob > 0:
+        if not bundle.cfg.refine:
+            raise ValueError("draft_prob > 0 needs a model config with refine=True")
+        known = draft_mask(*toks.shape, draft_prob, gen)
     with train_autocast(bf16):
-        digits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in, digits=True)
+        digits = bundle.gpt.forward_train(inp, port, aud, cond, mask, prev_first=prev_in, digits=True,
+                                          draft=None if known is None else toks, draft_known=known)
     ce = bundle.gpt.code_nll(digits, toks)                   # [B,T,N], float32
-    if change_weight == 1.0:
+    if change_weight == 1.0 and known is None:
         return ce.mean()
     before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
     w = torch.where(toks != before, change_weight, 1.0)
-    return (ce * w).sum() / w.sum()
+    if known is not None:
+        w = w * (~known)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
 def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
@@ -328,11 +354,12 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               progress: bool = True, resume: bool = True, corrupt: float | tuple[float, float] = 0.1,
               bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
               mouth_weight: float = 0.0, portrait_share: float = 0.0, plausible: bool = False,
-              stale_prob: float = 0.0) -> dict:
+              stale_prob: float = 0.0, draft_prob: float = 0.0) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
-    to the token cross-entropy; 0 trains on tokens alone. ``bf16``: autocast the training forward
+    to the token cross-entropy; 0 trains on tokens alone. ``draft_prob``: see :func:`gpt_loss`
+    (refinement; validation stays draft-free, the first pass). ``bf16``: autocast the training forward
     (default: where the CPU has native bf16, :func:`eartalk.model.precision.bf16_native`)."""
     bf16 = resolve_bf16(bf16)
     out_dir = Path(out_dir)
@@ -371,7 +398,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
         b = make_batch(bundle, train, batch, T, drop_prob, rng, start_prob)
-        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob)
+        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob,
+                             draft_prob)
         if mouth_weight > 0:
             aux = mouth_loss(head, b)
             hist["mouth"].append(aux.item())
