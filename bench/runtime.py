@@ -23,6 +23,9 @@ What is measured (also written into the JSON under "method"):
   with --quick) of the
   cache path with a cheap step (page table + begin_step + append of a fixed K/V every frame,
   gather every ``gather_every`` frames); growth = (max RSS - RSS at start) / RSS at start.
+* refinement: one session opened with ``refine`` = 0, 1, 2, 3 (K extra passes of the step per
+  frame, ``runtime/refine.py``; the preset is built with ``refine=True``, which adds one unused
+  vector to the one-pass step), ticks timed as for ``fps_N``; cost = tick time / K=0's.
 * first frame: session already open; PCM pushed in 20 ms chunks; time from the push that
   completes frame 0's audio + 80 ms lookahead (1920 samples) to frame 0 leaving ``frames()``.
 """
@@ -73,9 +76,9 @@ def speech(n, seed):
 
 
 # ------------------------------------------------------------------ sessions per engine
-def bench_sessions(backend, n_sessions, ticks):
+def bench_sessions(backend, n_sessions, ticks, refine=0):
     eng = Engine(backend, max_sessions=n_sessions)
-    ss = [eng.open_session(portrait(i)) for i in range(n_sessions)]
+    ss = [eng.open_session(portrait(i), refine=refine) for i in range(n_sessions)]
     for i, s in enumerate(ss):
         s.push_audio(speech(SPF * (ticks + 3), i))
     eng.tick()                                                     # warm-up
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t_all = time.perf_counter()
-    cfg = preset("tiny")
+    cfg = preset("tiny", refine=True)     # as the shipped tiny: refinement passes can be timed
     backend = TorchBackend(new_bundle(cfg, seed=0), device="cpu")
     q = args.quick
     print(f"tiny preset, RANDOM weights (untrained; timing only), fp32, torch {torch.__version__} CPU, "
@@ -280,6 +283,10 @@ def main(argv=None) -> int:
     for n, r in sess.items():
         print(f"{n:2d} sessions: {r['fps_aggregate']:6.1f} fps aggregate ({r['fps_per_session']:5.1f} per session), "
               f"tick p50 {r['tick_ms_p50']:.1f} ms p99 {r['tick_ms_p99']:.1f} ms")
+
+    ref = {k: bench_sessions(backend, 1, 15 if q else 60, refine=k) for k in (0, 1, 2, 3)}
+    print("refinement, 1 session, tick p50: " + " | ".join(
+        f"K={k} {r['tick_ms_p50']:.1f} ms ({r['tick_ms_p50'] / ref[0]['tick_ms_p50']:.2f}x)" for k, r in ref.items()))
 
     T = 40 if q else 200
     st = Stream(cfg, T)
@@ -319,9 +326,10 @@ def main(argv=None) -> int:
         "paged_vs_recompute": rec_ms / paged_ms, "paged_vs_concat": concat_end_ms / paged_ms,
         "step_ratio_100k_vs_100": long["step_ratio"], "rss_growth_pct": long["rss_growth_pct"],
         "first_frame_ms": ff["first_frame_ms"],
+        "refine_cost": {str(k): r["tick_ms_p50"] / ref[0]["tick_ms_p50"] for k, r in ref.items()},
         "details": {
             "model": "tiny preset, random init (untrained), fp32", "backend": "torch CPU, batch-invariant",
-            "threads": torch.get_num_threads(), "quick": q, "sessions": sess,
+            "threads": torch.get_num_threads(), "quick": q, "sessions": sess, "refine": ref,
             "per_frame_ms": {"paged": paged_ms, "concat_at_end": concat_end_ms, "recompute_exact": rec_ms,
                              "recompute_approx_last_W": approx_ms, "paged_vs_recompute_approx": approx_ms / paged_ms},
             "paged_series_ms": [x * 1e3 for x in paged], "concat_series_ms": [x * 1e3 for x in concat],
