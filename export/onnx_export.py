@@ -58,7 +58,7 @@ TRT10_OPS = frozenset({
 
 def graphs_for(cfg) -> tuple[str, ...]:
     """The graphs a model of ``cfg`` exports: :data:`GRAPHS`, plus ``refine`` when it was trained to refine."""
-    return GRAPHS + (("refine",) if getattr(cfg, "refine", False) else ())
+    return GRAPHS + (OPTIONAL_GRAPHS if cfg.refine else ())
 
 
 class ExportError(RuntimeError):
@@ -115,10 +115,15 @@ def expected_signature(cfg, receptive_field: int, ref_channels: int) -> dict[str
         "audio_encoder": {"inputs": {"mel_window": ("float32", [b, receptive_field, c.n_mels])},
                           "outputs": {"audio": ("float32", [b, c.audio_tokens, c.audio_dim])}},
     }
-    if getattr(c, "refine", False):
+    if c.refine:
         sig["refine"] = {"inputs": {**sig["step"]["inputs"], "draft": toks, "draft_known": ("bool", [b, N])},
                          "outputs": {"logits": sig["step"]["outputs"]["logits"]}}
     return sig
+
+
+def _step_batch_axes(names) -> dict[str, int]:
+    """The batch axis of each step-like input: 1 for the [L, B, ...] caches, 0 for the rest."""
+    return {n: (1 if n in ("past_k", "past_v") else 0) for n in names}
 
 
 def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str, GraphSpec]:
@@ -140,7 +145,7 @@ def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str,
     specs = [
         GraphSpec("step", StepModule(gpt).eval(), step_args, list(StepModule.input_names),
                   list(StepModule.output_names),
-                  {n: (1 if n in ("past_k", "past_v") else 0) for n in StepModule.input_names}),
+                  _step_batch_axes(StepModule.input_names)),
         GraphSpec("prefill", _Prefill(gpt).eval(), (tokens,), ["portrait_tokens"], ["sink_k", "sink_v"],
                   {"portrait_tokens": 0}),
         GraphSpec("tokenizer_encode", TokenizerEncode(tokenizer), (images,), ["images"], ["tokens"],
@@ -153,14 +158,14 @@ def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str,
                   (torch.randn(B, R, c.n_mels, generator=g) * 3 - 5,), ["mel_window"], ["audio"],
                   {"mel_window": 0}),
     ]
-    if getattr(c, "refine", False):
+    if c.refine:
         # a tensor of its own: given ``tokens`` again, torch.export takes the two inputs for one
         # and wires prev_tokens' embedding into the draft's place
         draft = torch.randint(0, c.codebook_size, (B, c.tokens_per_frame), generator=g)
         known = torch.rand(B, c.tokens_per_frame, generator=g) < 0.5
         specs.append(GraphSpec("refine", RefineModule(gpt).eval(), step_args + (draft, known),
                                list(RefineModule.input_names), list(RefineModule.output_names),
-                               {n: (1 if n in ("past_k", "past_v") else 0) for n in RefineModule.input_names}))
+                               _step_batch_axes(RefineModule.input_names)))
     return {s.kind: s for s in specs}
 
 
@@ -258,11 +263,12 @@ def export_onnx(cfg, gpt, tokenizer, audio_encoder, out_dir: str | Path, *, mode
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset {opset} not supported: use {MIN_OPSET}..{MAX_OPSET} "
                          f"(the dynamo exporter's down-conversion to 17 is broken)")
-    graphs = graphs_for(cfg) if graphs is None else tuple(graphs)
-    unknown = sorted(set(graphs) - set(graphs_for(cfg)))
+    allowed = graphs_for(cfg)
+    graphs = allowed if graphs is None else tuple(graphs)
+    unknown = sorted(set(graphs) - set(allowed))
     if unknown:
         why = " (refine: only for a model trained with refinement, config refine=true)" if "refine" in unknown else ""
-        raise ValueError(f"unknown graphs {unknown}; expected some of {list(graphs_for(cfg))}{why}")
+        raise ValueError(f"unknown graphs {unknown}; expected some of {list(allowed)}{why}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in (gpt, tokenizer, audio_encoder):

@@ -109,7 +109,7 @@ class Backend(abc.ABC):
 
     def refine_blocker(self) -> str | None:
         """Why refinement passes cannot run here, or None when they can."""
-        if not getattr(self.cfg, "refine", False):
+        if not self.cfg.refine:
             return "this model was not trained to refine (its config has refine=false)"
         if type(self).refine is Backend.refine:
             return f"the {self.name} backend cannot run refinement passes (use the torch or onnxruntime backend)"

@@ -137,13 +137,15 @@ class OrtGraphs:
     """The six graphs of an ONNX folder, verified at load (see the module docstring).
 
     ``config``: the model config dict the caller serves (``ModelConfig.to_dict()``); None takes the
-    manifest's, which every file must then agree with. ``weights_hash``: likewise.
+    manifest's, which every file must then agree with. ``weights_hash``: likewise. ``graphs``: the
+    kinds to load (default: every file of the manifest); ``optional``: kinds also loaded when the
+    manifest lists them (``refine``, exported only for a model trained to refine).
     """
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", config: dict | None = None,
                  weights_hash: str | None = None, threads: int | None = None,
                  graphs: tuple[str, ...] | None = None, profile_prefix: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", optional: tuple[str, ...] = ()):
         self.dir = Path(onnx_dir)
         self.manifest = md.read_manifest(self.dir)
         if config is not None and self.manifest["model_config"] != config:
@@ -159,7 +161,9 @@ class OrtGraphs:
         self.graphs: dict[str, OrtGraph] = {}
         self.precision = precision
         quantized = _quantized_files(self.manifest, precision, self.dir)
-        for kind in graphs or tuple(self.manifest["files"]):
+        kinds = tuple(graphs or self.manifest["files"])
+        kinds += tuple(k for k in optional if k in self.manifest["files"] and k not in kinds)
+        for kind in kinds:
             # int8/fp8: the Q/DQ files of `eartalk calibrate quantize` for the graphs it quantized
             # (step, decoder); the others stay fp32. Same checks, against the "quantized" entries.
             man = {"files": quantized} if kind in quantized else self.manifest
@@ -206,10 +210,9 @@ class OrtBackend(Backend):
             cfg = bundle.cfg if cfg is None else cfg
             weights_hash = weights_hash or bundle_hash(bundle)
         provider = provider or device or "cpu"
-        kinds = GRAPH_KINDS + (("refine",) if "refine" in md.read_manifest(Path(onnx_dir))["files"] else ())
         self.graphs = OrtGraphs(onnx_dir, provider, config=cfg.to_dict() if cfg is not None else None,
-                                weights_hash=weights_hash, threads=threads, graphs=kinds,
-                                profile_prefix=profile_prefix, precision=precision)
+                                weights_hash=weights_hash, threads=threads, graphs=GRAPH_KINDS,
+                                profile_prefix=profile_prefix, precision=precision, optional=("refine",))
         if cfg is None:   # the manifest's config (OrtBackend(onnx_dir) alone)
             from eartalk.model.config import ModelConfig
             cfg = ModelConfig.from_dict(self.graphs.config)

@@ -194,14 +194,15 @@ class Engine:
         for b, s in enumerate(batch):
             if s.refine:
                 known[b] = grow_known(known[b], conf[b], hidden_after(1, s.refine + 1, N))
+        prev, audio, cond, cond_mask, past_k, past_v, past_lag = step_args
         for j in range(1, max(s.refine for s in batch) + 1):
             rows = [b for b, s in enumerate(batch) if s.refine >= j]
-            prev, audio, cond, cond_mask, past_k, past_v, past_lag = step_args
+            past = (past_k, past_v, past_lag)
             if len(rows) < len(batch):          # the dense past of those sessions only
                 sel = torch.as_tensor(rows, device=past_k.device)
-                past_k, past_v, past_lag = past_k.index_select(1, sel), past_v.index_select(1, sel), \
-                    past_lag.index_select(0, sel.to(past_lag.device))
-            out = self.backend.refine(prev[rows], audio[rows], cond[rows], cond_mask[rows], past_k, past_v, past_lag,
+                past = (past_k.index_select(1, sel), past_v.index_select(1, sel),
+                        past_lag.index_select(0, sel.to(past_lag.device)))
+            out = self.backend.refine(prev[rows], audio[rows], cond[rows], cond_mask[rows], *past,
                                       tokens[rows], known[rows])
             out = np.asarray(out)
             for i, b in enumerate(rows):

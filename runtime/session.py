@@ -55,8 +55,9 @@ class StreamState:
                  idle_motion: bool = True, refine: int = 0):
         if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
             raise ValueError(f"refine must be an int >= 0 (extra passes per frame; 0 = one pass), got {refine!r}")
-        if refine and backend.refine_blocker():
-            raise ValueError(f"refine={refine}: {backend.refine_blocker()}; or use refine=0 (one pass per frame)")
+        why = backend.refine_blocker() if refine else None
+        if why:
+            raise ValueError(f"refine={refine}: {why}; or use refine=0 (one pass per frame)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = argmax), got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):

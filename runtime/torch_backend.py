@@ -133,26 +133,23 @@ class TorchBackend(Backend):
         logits, k, v = self.step_torch(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
         return self._np(logits), self._np(k), self._np(v)
 
-    def step_torch(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag):
+    def step_torch(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft=None,
+                   draft_known=None):
         """``step`` taking and returning torch tensors (the engine's pool is a torch tensor, so
-        K/V never leave the device on the hot path)."""
+        K/V never leave the device on the hot path); with ``draft``/``draft_known``, a refinement pass."""
         args = (self._t(prev_tokens, torch.int64), self._t(audio, torch.float32),
                 self._t(cond, torch.float32), self._t(cond_mask, torch.bool),
                 self._t(past_k, torch.float32), self._t(past_v, torch.float32), self._t(past_lag, torch.int32))
+        if draft is not None:
+            args += (self._t(draft, torch.int64), self._t(draft_known, torch.bool))
         with torch.inference_mode():
             if self.batch_invariant:
                 return batch_invariant_step(self.bundle.gpt, *args)
             return self.bundle.gpt.step(*args)
 
     def refine(self, prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag, draft, draft_known):
-        args = (self._t(prev_tokens, torch.int64), self._t(audio, torch.float32),
-                self._t(cond, torch.float32), self._t(cond_mask, torch.bool),
-                self._t(past_k, torch.float32), self._t(past_v, torch.float32), self._t(past_lag, torch.int32))
-        drafts = self._t(draft, torch.int64), self._t(draft_known, torch.bool)
-        with torch.inference_mode():
-            if self.batch_invariant:
-                return self._np(batch_invariant_step(self.bundle.gpt, *args, *drafts)[0])
-            return self._np(self.bundle.gpt.step(*args, *drafts)[0])
+        return self._np(self.step_torch(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag,
+                                        draft, draft_known)[0])
 
     def decode_float(self, tokens, ref):
         tok = self._t(tokens, torch.int64)
