@@ -6,8 +6,12 @@ fp32, torch backend, CPU, ``torch.set_num_threads(2)``.
 
 What is measured (also written into the JSON under "method"):
 
-* ``fps_N``: N sessions in one Engine, each fed speech-like noise; wall time per ``tick`` (one
-  batched step + per-session sampling and decode) -> aggregate frames/s; per-frame latency = tick time.
+* ``fps_N``: N sessions in one Engine, each fed speech-like noise, unguided (guidance 1: one row of
+  the step per session); wall time per ``tick`` (one batched step + per-session sampling and
+  decode) -> aggregate frames/s; per-frame latency = tick time.
+* guidance: the same with every session at the runtime's default guidance (``runtime/guidance.py``:
+  each session's row twice in the one step call, the second on silence), 1 and 16 sessions;
+  cost = tick time / the unguided tick's.
 * paged / concat / recompute, per frame, transformer only (decode is the same for all three):
   paged = build_page_table + gather + step + begin_step + append; concat = torch.cat of every past
   K/V (no window, grows without bound) + the same step maths over all of it; recompute exact = no
@@ -26,7 +30,7 @@ What is measured (also written into the JSON under "method"):
 * refinement: one session opened with ``refine`` = 0, 1, 2, 3 (K extra passes of the step per
   frame, ``runtime/refine.py``; the preset is built with ``refine=True``, which adds one unused
   vector to the one-pass step), ticks timed as for ``fps_N``; cost = tick time / K=0's.
-* first frame: session already open; PCM pushed in 20 ms chunks; time from the push that
+* first frame (at the runtime's default guidance): session already open; PCM pushed in 20 ms chunks; time from the push that
   completes frame 0's audio + 80 ms lookahead (1920 samples) to frame 0 leaving ``frames()``.
 """
 from __future__ import annotations
@@ -50,6 +54,7 @@ from eartalk.model.bundle import new_bundle
 from eartalk.model.config import preset
 from eartalk.model.gpt import _sfa_lag, lag_bias
 from eartalk.runtime import Engine
+from eartalk.runtime.guidance import DEFAULT_GUIDANCE
 from eartalk.runtime.page_table import build_page_table
 from eartalk.runtime.torch_backend import TorchBackend, batch_invariant_step
 
@@ -76,9 +81,9 @@ def speech(n, seed):
 
 
 # ------------------------------------------------------------------ sessions per engine
-def bench_sessions(backend, n_sessions, ticks, refine=0):
+def bench_sessions(backend, n_sessions, ticks, refine=0, guidance=1.0):
     eng = Engine(backend, max_sessions=n_sessions)
-    ss = [eng.open_session(portrait(i), refine=refine) for i in range(n_sessions)]
+    ss = [eng.open_session(portrait(i), refine=refine, guidance=guidance) for i in range(n_sessions)]
     for i, s in enumerate(ss):
         s.push_audio(speech(SPF * (ticks + 3), i))
     eng.tick()                                                     # warm-up
@@ -108,7 +113,7 @@ class Stream:
 
 def run_paged(backend, st, T):
     eng = Engine(backend, max_sessions=1)
-    handle = eng.open_session(portrait(0))      # keep the handle: a dropped Session closes itself
+    handle = eng.open_session(portrait(0), guidance=1.0)      # keep the handle: a dropped Session closes itself
     s = handle._state
     st.tokens[0] = torch.from_numpy(s.prev_tokens)[None]
     times, logits = [], []
@@ -185,7 +190,7 @@ def bench_long(backend, quick):
     engines, handles = [], []
     for _ in range(2):
         eng = Engine(backend, max_sessions=1)
-        h = eng.open_session(portrait(0))
+        h = eng.open_session(portrait(0), guidance=1.0)
         h.push_audio(speech(SPF * 160, 1))
         for _ in range(90):
             eng.tick()
@@ -284,6 +289,12 @@ def main(argv=None) -> int:
         print(f"{n:2d} sessions: {r['fps_aggregate']:6.1f} fps aggregate ({r['fps_per_session']:5.1f} per session), "
               f"tick p50 {r['tick_ms_p50']:.1f} ms p99 {r['tick_ms_p99']:.1f} ms")
 
+    guided = {n: bench_sessions(backend, n, t, guidance=DEFAULT_GUIDANCE)
+              for n, t in ((1, 15 if q else 60), (16, 2 if q else 10))}
+    print(f"guidance {DEFAULT_GUIDANCE:g} (the default), tick p50: " + " | ".join(
+        f"{n} session{'s' * (n > 1)} {r['tick_ms_p50']:.1f} ms ({r['tick_ms_p50'] / sess[n]['tick_ms_p50']:.2f}x "
+        f"unguided, {r['fps_aggregate']:.1f} fps aggregate)" for n, r in guided.items()))
+
     ref = {k: bench_sessions(backend, 1, 15 if q else 60, refine=k) for k in (0, 1, 2, 3)}
     print("refinement, 1 session, tick p50: " + " | ".join(
         f"K={k} {r['tick_ms_p50']:.1f} ms ({r['tick_ms_p50'] / ref[0]['tick_ms_p50']:.2f}x)" for k, r in ref.items()))
@@ -326,10 +337,12 @@ def main(argv=None) -> int:
         "paged_vs_recompute": rec_ms / paged_ms, "paged_vs_concat": concat_end_ms / paged_ms,
         "step_ratio_100k_vs_100": long["step_ratio"], "rss_growth_pct": long["rss_growth_pct"],
         "first_frame_ms": ff["first_frame_ms"],
+        "guidance_cost": {str(n): r["tick_ms_p50"] / sess[n]["tick_ms_p50"] for n, r in guided.items()},
         "refine_cost": {str(k): r["tick_ms_p50"] / ref[0]["tick_ms_p50"] for k, r in ref.items()},
         "details": {
             "model": "tiny preset, random init (untrained), fp32", "backend": "torch CPU, batch-invariant",
-            "threads": torch.get_num_threads(), "quick": q, "sessions": sess, "refine": ref,
+            "threads": torch.get_num_threads(), "quick": q, "sessions": sess, "guided_sessions": guided,
+            "guidance": DEFAULT_GUIDANCE, "refine": ref,
             "per_frame_ms": {"paged": paged_ms, "concat_at_end": concat_end_ms, "recompute_exact": rec_ms,
                              "recompute_approx_last_W": approx_ms, "paged_vs_recompute_approx": approx_ms / paged_ms},
             "paged_series_ms": [x * 1e3 for x in paged], "concat_series_ms": [x * 1e3 for x in concat],

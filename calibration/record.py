@@ -12,7 +12,9 @@ Coverage, by construction:
 - **controls**: each clip pins its ground-truth controls for one half of its frames and leaves
   them free for the other (even clips pin the first half, odd clips the second, so position and
   pinning are not confounded); free frames get the runtime's idle motion in silence;
-- **speech and silence**: the clips' own pauses; the share is in the data card.
+- **speech and silence**: the clips' own pauses; the share is in the data card. Streams run
+  unguided (``guidance=1``, one step row per frame): the silent row a guided frame adds
+  (``runtime/guidance.py``) carries silence's audio tokens, which the pauses cover.
 
 Output folder::
 
@@ -183,7 +185,9 @@ def record(model, data, out, *, split: str = "val", random_init: bool = False, s
         before = len(rec.step_rec)
         engine = Engine(rec, max_sessions=1)
         try:
-            session = engine.open_session(clip_portrait(clip, cfg.image_size), seed=seed)
+            # unguided: one step row per frame. A guided frame's second row differs only in its
+            # audio tokens, which are silence's, and the clips' own pauses already cover those.
+            session = engine.open_session(clip_portrait(clip, cfg.image_size), seed=seed, guidance=1.0)
             apply_timeline(session, timeline)
             for _ in stream_frames(session, audio):
                 pass

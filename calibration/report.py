@@ -100,9 +100,12 @@ def _mean_psnr(values) -> float:
 
 def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", random_init: bool = False,
                     seed: int = 0, split: str = "test", max_clips: int = 8, max_frames: int | None = 250,
-                    frames_drift: int = 2000, probe=None, threads: int | None = None, progress: bool = True) -> dict:
+                    frames_drift: int = 2000, probe=None, threads: int | None = None, progress: bool = True,
+                    guidance: float = 1.0) -> dict:
     """Measure the ``precision`` graphs of ``onnx_dir`` against its fp32 graphs (see the module
-    docstring); writes ``<precision>.report.{json,md,png}`` to ``out_dir``; -> the report dict."""
+    docstring); writes ``<precision>.report.{json,md,png}`` to ``out_dir``; -> the report dict.
+    ``guidance``: the streams' audio guidance (``runtime/guidance.py``); default 1, unguided, one
+    step row per frame, as the shipped reports were measured."""
     from eartalk.data.corpus import list_clips, load_clip
     from eartalk.evaluate import _drift, _frames_of, _probe, drift_checkpoints, pearson, psnr
     from eartalk.model.train_gpt import clip_portrait, fit_size
@@ -129,8 +132,8 @@ def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", ra
         if max_frames:
             audio = audio[: max_frames * spf]
         portrait = clip_portrait(clip, cfg.image_size)
-        a = np.asarray(_frames_of(shadow, portrait, audio, (), seed))       # fp32, quantized shadowed
-        b = np.asarray(_frames_of(q, portrait, audio, (), seed))            # quantized, free-running
+        a = np.asarray(_frames_of(shadow, portrait, audio, (), seed, guidance=guidance))   # fp32, quantized shadowed
+        b = np.asarray(_frames_of(q, portrait, audio, (), seed, guidance=guidance))        # quantized, free-running
         ps = [psnr(x, y) for x, y in zip(a, b)]
         stream_psnr += ps
         m = min(len(a), len(b), len(clip.gt["mouth_open"]) if clip.gt is not None else 0)
@@ -147,7 +150,8 @@ def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", ra
     drift = {}
     if first is not None and frames_drift:
         for name, be in (("fp32", fp), (precision, q)):
-            drift[name] = _drift(be, probe, first[0], first[1], first[2], frames_drift, seed, progress)
+            drift[name] = _drift(be, probe, first[0], first[1], first[2], frames_drift, seed, progress,
+                                 guidance=guidance)
     agreement = float(np.mean(shadow.agree))
     dec_psnr = _mean_psnr(shadow.dec_psnr)
     qinfo = fp.graphs.manifest.get("quantized", {}).get(precision, {})
@@ -176,6 +180,7 @@ def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", ra
     paths = {ext: out / f"{precision}.report.{ext}" for ext in ("json", "md", "png")}
     report = {
         "precision": precision, "reference": "fp32", "runtime": "onnxruntime CPU (both)", "onnx_dir": str(onnx_dir),
+        "guidance": float(guidance),
         "model": str(model), "random_init": bool(random_init), "weights_sha256": fp.weights_hash,
         "data": str(data), "split": split, "clips": per_clip, "frames": len(shadow.agree),
         "frames_drift": frames_drift if drift else 0, "metrics": metrics, "targets": targets,

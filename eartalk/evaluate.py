@@ -122,7 +122,7 @@ def _lipsync_metrics(pred: dict, lab: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- running the model
-def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_frame=None, refine=0):
+def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_frame=None, refine=0, guidance=None):
     """Run one session; -> list of the kept frames' images (all when ``keep`` is None)."""
     from eartalk.controls_timeline import apply_timeline
     from eartalk.generate import stream_frames
@@ -130,7 +130,7 @@ def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_fram
     engine = Engine(backend, max_sessions=1)
     kept = []
     try:
-        session = engine.open_session(portrait, seed=seed, refine=refine)
+        session = engine.open_session(portrait, seed=seed, refine=refine, guidance=guidance)
         apply_timeline(session, timeline)
         for f in stream_frames(session, audio):
             if keep is None or f.index in keep:
@@ -181,7 +181,8 @@ def drift_checkpoints(n: int) -> tuple[list[int], int]:
     return sorted(cps), ref
 
 
-def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool, refine: int = 0) -> dict:
+def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool, refine: int = 0,
+           guidance: float | None = None) -> dict:
     from tqdm import tqdm
     cps, ref = drift_checkpoints(n)
     grid = np.unique(np.linspace(1, n, min(n, DRIFT_SAMPLES)).round().astype(int))
@@ -191,7 +192,8 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
     audio = np.resize(clip.audio.astype(np.float32), n * spf)      # the clip's speech, looped
     bar = tqdm(total=n, desc="drift", unit="frame", disable=not progress, file=sys.stderr)
     t0 = time.perf_counter()
-    kept = _frames_of(backend, portrait, audio, seed=seed, keep=keep, on_frame=lambda f: bar.update(), refine=refine)
+    kept = _frames_of(backend, portrait, audio, seed=seed, keep=keep, on_frame=lambda f: bar.update(), refine=refine,
+                      guidance=guidance)
     bar.close()
     secs = time.perf_counter() - t0
 
@@ -232,13 +234,14 @@ def _plot_drift(d: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- the evaluation
 def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000, max_clips: int | None = None,
              random_init: bool = False, seed: int = 0, probe=None, backend=None, progress: bool = True,
-             refine: int = 0) -> dict:
+             refine: int = 0, guidance: float | None = None) -> dict:
     """Evaluate ``model`` (preset name or bundle directory) on ``data``'s ``split``; write the
     report JSON to ``out`` and the drift plot beside it (``<out stem>.drift.png``); -> the report.
 
     ``probe``: a loaded probe (default: the shipped one); ``backend``: a ready runtime backend
     (default: ``make_backend(model, "torch", random_init, seed)``); ``refine``: extra refinement
-    passes per frame (``runtime/refine.py``), 0 = one pass.
+    passes per frame (``runtime/refine.py``), 0 = one pass; ``guidance``: audio guidance scale
+    (``runtime/guidance.py``; None = its default, 1 = off).
     """
     from tqdm import tqdm
 
@@ -246,6 +249,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     from eartalk.model.train_gpt import clip_portrait, fit_size
     from eartalk.probe.net import load_probe
     from eartalk.generate import open_backend
+    from eartalk.runtime.guidance import DEFAULT_GUIDANCE, check_guidance
+    guidance = check_guidance(DEFAULT_GUIDANCE if guidance is None else guidance)
     out = Path(out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: expected a .json file name for the report")
@@ -282,8 +287,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                     c_psnr.append(psnr(f.image, gt_frames[f.index]))
                     c_ssim.append(ssim(f.image, gt_frames[f.index]))
             gen_pinned = _frames_of(backend, portrait, clip.audio, pinned_timeline(clip.gt, n), seed, on_frame=score,
-                                    refine=refine)
-            gen_free = _frames_of(backend, portrait, clip.audio, (), seed, refine=refine)
+                                    refine=refine, guidance=guidance)
+            gen_free = _frames_of(backend, portrait, clip.audio, (), seed, refine=refine, guidance=guidance)
             m = min(n, len(gen_pinned), len(gen_free))
             lab = {k: np.asarray(clip.gt[k])[:m] for k in ("yaw", "pitch", "blink", "emotion", "mouth_open", "viseme")}
             lab["first"] = (np.arange(m) == 0).astype(np.int64)
@@ -300,7 +305,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                              **_lipsync_metrics(p_free, lab), **_control_metrics(p_pin, lab)})
             if first is None:
                 first = (clip, portrait, gt_frames)
-        drift = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress, refine)
+        drift = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress, refine, guidance)
     finally:
         if own_backend:
             backend.close()
@@ -326,6 +331,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     report = {
         "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
         "backend": type(backend).__name__, "precision": getattr(backend, "precision", "fp32"), "refine": int(refine),
+        "guidance": guidance,
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,

@@ -8,6 +8,8 @@ Thin facade over small modules::
     page_pool, page_table, kv_cache   which pages are live / the pool tensor and append, gather
     session       one stream's state and its user handle
     scheduler     Engine: all sessions of one backend, one batched step per tick
+    refine        few-step refinement schedule (extra passes per frame, models trained for it)
+    guidance      audio guidance: each frame's logits pushed away from those of silence
 
 Quick start::
 
@@ -68,7 +70,7 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
                  seed: int = 0, device: str | None = None, realtime: bool = False,
                  temperature: float = 0.0, top_k: int | None = None, idle_motion: bool = True,
                  controls: dict | None = None, precision: str = "fp32", refine: int = 0,
-                 **backend_options) -> Session:
+                 guidance: float | None = None, **backend_options) -> Session:
     """Open one streaming session (a one-session :class:`Engine`; closing the session closes it).
 
     ``portrait``: image path or uint8 RGB array [H, W, 3] (another size is cropped/resized with a
@@ -77,11 +79,13 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
     (optionally ``top_k``), sampled with a generator seeded by ``seed``. ``realtime=True`` paces
     ``frames()`` to 25 fps. ``controls``: initial control values (see ``Session.control``).
     ``refine``: extra refinement passes per frame (``runtime/refine.py``; models trained with
-    ``refine``, torch backend); 0 = one pass per frame.
+    ``refine``, torch backend); 0 = one pass per frame. ``guidance``: audio guidance scale
+    (``runtime/guidance.py``; None = ``DEFAULT_GUIDANCE``, 1 = off).
     """
     if portrait is None:
         raise ValueError("open_session needs portrait= (an image path or a uint8 RGB array [H, W, 3])")
     eng = Engine(make_backend(model, backend, random_init=random_init, seed=seed, device=device,
                               precision=precision, **backend_options), max_sessions=1)
     return eng.open_session(portrait, realtime=realtime, temperature=temperature, top_k=top_k, seed=seed,
-                            idle_motion=idle_motion, controls=controls, refine=refine, _owns_engine=True)
+                            idle_motion=idle_motion, controls=controls, refine=refine, guidance=guidance,
+                            _owns_engine=True)

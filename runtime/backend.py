@@ -72,6 +72,7 @@ class Backend(abc.ABC):
 
     name: str = "abstract"
     batch_invariant: bool = False
+    max_batch: int | None = None     # rows one step call takes at most (None: no limit)
 
     def __init__(self, cfg, receptive_field: int):
         self.cfg = cfg

@@ -2,7 +2,8 @@
 
 ``tick()`` takes every open session with a frame's audio ready and runs them as one batch:
 
-    build_page_table -> gather (dense past) -> backend.step (ONE call) -> per-session sampling
+    build_page_table -> gather (dense past) -> backend.step (ONE call; a guided session's row
+    twice, the second on silence, runtime/guidance.py) -> per-session sampling
     [-> refinement passes: backend.refine, once per extra pass, for the sessions opened with
     refine > 0 (runtime/refine.py)] -> backend.decode -> begin_step -> append -> each session's
     frame queue
@@ -30,6 +31,7 @@ import torch
 from .kv_cache import KVCache
 from .page_pool import PagePool, PoolFullError
 from .page_table import SessionPages, build_page_table
+from .guidance import DEFAULT_GUIDANCE, check_guidance, guide, silence_audio
 from .refine import confidence, grow_known, hidden_after
 from .session import Session, StreamState
 
@@ -60,6 +62,7 @@ class Engine:
         self._reuse_dense = self.cache.pool.device.type == "cpu"
         self._dense = None
         self._ids = itertools.count()
+        self._silence = None            # silence's audio tokens [A, F] (guidance), made on first use
         self.ticks = 0
         self.closed = False
 
@@ -71,11 +74,14 @@ class Engine:
     # ------------------------------------------------------------------ sessions
     def open_session(self, portrait, *, realtime: bool = False, temperature: float = 0.0,
                      top_k: int | None = None, seed: int = 0, idle_motion: bool = True,
-                     controls: dict | None = None, refine: int = 0, _owns_engine: bool = False) -> Session:
+                     controls: dict | None = None, refine: int = 0, guidance: float | None = None,
+                     _owns_engine: bool = False) -> Session:
         """Encode the portrait, reserve and prefill the sink page(s); -> :class:`Session`.
 
         ``refine``: extra passes per frame (``runtime/refine.py``; a model trained with
         ``cfg.refine`` on a backend that runs them, else ValueError); 0 = one pass.
+        ``guidance``: audio guidance scale (``runtime/guidance.py``); None = ``DEFAULT_GUIDANCE``,
+        1 = off. A guided session takes two rows of the batched step.
 
         ``portrait``: uint8 RGB array [H, W, 3] or an image path. Raises ``PoolFullError`` when the
         pool cannot hold one more session; nothing is held on any error.
@@ -87,6 +93,15 @@ class Engine:
                 f"KV page pool full: {len(self.sessions)} sessions already hold the pool of "
                 f"{self.pool.num_pages} pages ({self.pages_per_session} pages per session, room for "
                 f"{self.capacity}); close a session or build the Engine with a larger max_sessions")
+        guidance = check_guidance(DEFAULT_GUIDANCE if guidance is None else guidance)
+        limit = getattr(self.backend, "max_batch", None)
+        guided = sum(s.guidance != 1.0 for s in self.sessions) + (guidance != 1.0)
+        rows = len(self.sessions) + 1 + guided
+        if limit is not None and rows > limit:
+            raise PoolFullError(
+                f"the {self.backend.name} backend steps at most {limit} rows at once (its engines' max batch); with "
+                f"this session ({guidance=:g}) the batch would make {rows} rows ({guided} guided sessions, two "
+                f"rows each); open it with guidance=1, close a session, or build the engines with a larger --max-batch")
         image = _load_portrait(portrait)
         tokens, ref = self.backend.encode_portrait(image)           # may raise: nothing held yet
         pages = SessionPages(self.pool, self.cfg)
@@ -96,7 +111,7 @@ class Engine:
             self.cache.append(np.asarray(pages.sink_pages, np.int32), k, v)
             state = StreamState(next(self._ids), self.cfg, self.backend, pages, tokens, ref,
                                 temperature=temperature, top_k=top_k, seed=seed, idle_motion=idle_motion,
-                                refine=refine)
+                                refine=refine, guidance=guidance)
             if controls:
                 state.control(None, **controls)
         except BaseException:
@@ -165,15 +180,8 @@ class Engine:
         cond = np.stack([i[1] for i in inputs])
         cond_mask = np.stack([i[2] for i in inputs])
         prev = np.stack([s.prev_tokens for s in batch])
-        step_torch = getattr(self.backend, "step_torch", None)
-        if step_torch is not None:     # keeps K/V as torch tensors: no copy through numpy
-            logits, new_k, new_v = step_torch(prev, audio, cond, cond_mask, past_k, past_v, past_lag)
-            logits = logits.detach().cpu().numpy()
-        else:
-            # .cpu().numpy() / from_numpy are views on a CPU pool: the K/V bytes are not copied
-            logits, new_k, new_v = self.backend.step(prev, audio, cond, cond_mask, past_k.cpu().numpy(),
-                                                     past_v.cpu().numpy(), past_lag.cpu().numpy())
-            new_k, new_v = torch.from_numpy(np.asarray(new_k)), torch.from_numpy(np.asarray(new_v))
+        logits, new_k, new_v = self._guided(self._backend_step, (prev, audio, cond, cond_mask, past_k, past_v, past_lag),
+                                            [s.guidance for s in batch])
         tokens = np.stack([s.pick_tokens(logits[b]) for b, s in enumerate(batch)])
         if any(s.refine for s in batch):
             tokens = self._refine(batch, (prev, audio, cond, cond_mask, past_k, past_v, past_lag), logits, tokens)
@@ -183,6 +191,41 @@ class Engine:
         self.cache.append(pages, new_k, new_v)
         for b, s in enumerate(batch):
             s.emit(tokens[b], images[b])
+
+    def _backend_step(self, prev, audio, cond, cond_mask, past_k, past_v, past_lag):
+        """The backend's step -> (logits numpy [B,N,V], new_k, new_v torch [L,B,H,P,D])."""
+        step_torch = getattr(self.backend, "step_torch", None)
+        if step_torch is not None:     # keeps K/V as torch tensors: no copy through numpy
+            logits, new_k, new_v = step_torch(prev, audio, cond, cond_mask, past_k, past_v, past_lag)
+            return logits.detach().cpu().numpy(), new_k, new_v
+        # .cpu().numpy() / from_numpy are views on a CPU pool: the K/V bytes are not copied
+        logits, new_k, new_v = self.backend.step(prev, audio, cond, cond_mask, past_k.cpu().numpy(),
+                                                 past_v.cpu().numpy(), past_lag.cpu().numpy())
+        return np.asarray(logits), torch.from_numpy(np.asarray(new_k)), torch.from_numpy(np.asarray(new_v))
+
+    def _guided(self, fn, args, scales: list[float]):
+        """``fn(prev, audio, cond, cond_mask, past_k, past_v, past_lag, *extra)`` -> logits (or a
+        tuple starting with them, then tensors [L,B,...]) for B = len(scales) rows, in ONE call: the
+        rows whose scale is not 1 go in again after the B rows with silence for their audio, and
+        their logits are guided (``runtime/guidance.py``); everything else is of the B rows."""
+        g = [b for b, s in enumerate(scales) if s != 1.0]
+        if not g:
+            return fn(*args)
+        if self._silence is None:
+            self._silence = silence_audio(self.backend)
+        prev, audio, cond, cond_mask, past_k, past_v, past_lag, *extra = args
+        sel = torch.as_tensor(g, device=past_k.device)
+        both = lambda a: np.concatenate([a, a[g]])   # noqa: E731
+        out = fn(both(prev), np.concatenate([audio, np.broadcast_to(self._silence, (len(g),) + audio.shape[1:])]),
+                 both(cond), both(cond_mask), torch.cat([past_k, past_k.index_select(1, sel)], 1),
+                 torch.cat([past_v, past_v.index_select(1, sel)], 1),
+                 torch.cat([past_lag, past_lag.index_select(0, sel.to(past_lag.device))]), *map(both, extra))
+        logits, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        B = len(scales)
+        logits = np.asarray(logits)
+        guided = logits[:B].copy()
+        guided[g] = guide(logits[g], logits[B:], np.asarray([scales[b] for b in g])[:, None, None])
+        return guided if rest is None else (guided, *(r[:, :B] for r in rest))
 
     def _refine(self, batch: list[StreamState], step_args, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """The refinement passes of this tick's frame (``runtime/refine.py``): session b takes
@@ -202,8 +245,8 @@ class Engine:
                 sel = torch.as_tensor(rows, device=past_k.device)
                 past = (past_k.index_select(1, sel), past_v.index_select(1, sel),
                         past_lag.index_select(0, sel.to(past_lag.device)))
-            out = self.backend.refine(prev[rows], audio[rows], cond[rows], cond_mask[rows], *past,
-                                      tokens[rows], known[rows])
+            out = self._guided(self.backend.refine, (prev[rows], audio[rows], cond[rows], cond_mask[rows], *past,
+                                                     tokens[rows], known[rows]), [batch[b].guidance for b in rows])
             out = np.asarray(out)
             for i, b in enumerate(rows):
                 s, hide = batch[b], ~known[b]

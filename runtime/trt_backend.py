@@ -186,6 +186,7 @@ class TrtBackend(Backend):
         mel = self.engines["audio_encoder"].engine.get_tensor_shape("mel_window")
         super().__init__(cfg, int(mel[1]))
         self.precision, self.cc = precision, cc
+        self.max_batch = min(int(m["batch"]["max"]) for m in metas.values())
         self.kernels = None
         if use_cuda_kernels:
             try:

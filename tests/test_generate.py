@@ -77,7 +77,7 @@ def test_timeline_pins_reach_the_step_from_their_frame(files):
     rec = Recording(new_bundle(CFG, seed=0))
     audio = (np.random.default_rng(1).standard_normal(14 * 640) * 0.2).astype(np.float32)   # loud: no idle pins
     portrait = np.random.default_rng(2).integers(0, 256, (S, S, 3), dtype=np.uint8)
-    res = render(rec, portrait, audio, files / "t.mp4", timeline, progress=False)
+    res = render(rec, portrait, audio, files / "t.mp4", timeline, progress=False, guidance=1.0)   # a row per frame
     assert res.frames == 14 and len(rec.conds) == 14
     for f, c in enumerate(rec.conds):
         assert ("yaw" in c) == (5 <= f < 10), f                     # t=0.2 s -> frame 5; null frees at 10

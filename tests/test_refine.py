@@ -68,7 +68,7 @@ def _inputs(i, frames=6):
 
 
 def _run(eng, portrait, audio, refine):
-    s = eng.open_session(portrait, refine=refine, idle_motion=False)
+    s = eng.open_session(portrait, refine=refine, idle_motion=False, guidance=1)   # as the loop below
     s.push_audio(audio)
     s.flush()
     return s, [f.image for f in s.frames()]
@@ -145,7 +145,7 @@ def test_sessions_with_different_refine_counts_batch_like_alone():
     with Engine(BACKEND, max_sessions=3) as eng:
         states = []
         for i, r in enumerate((0, 2, 1)):
-            s = eng.open_session(_inputs(i)[0], refine=r, idle_motion=False)
+            s = eng.open_session(_inputs(i)[0], refine=r, idle_motion=False, guidance=1)
             s.push_audio(_inputs(i)[1])
             s.flush()
             states.append(s)

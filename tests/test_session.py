@@ -90,7 +90,7 @@ def test_bad_pcm_raises_closes_and_frees(pcm, match):
 
 def test_controls_validate_and_apply_from_next_frame():
     rec = Recording(new_bundle(CFG, seed=0))
-    s = session(rec)
+    s = session(rec, guidance=1)              # the recording sees one step row per frame
     with pytest.raises(ValueError, match="valid controls are .*yaw"):
         s.control(nod=1)
     with pytest.raises(ValueError, match=r"yaw=99 is outside its range \[-30.0, 30.0\]"):

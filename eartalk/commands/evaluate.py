@@ -52,7 +52,8 @@ def run(args) -> int:
     try:
         rep = evaluate(args.model, args.data, args.out, split=args.split, frames_drift=args.frames_drift,
                        max_clips=args.max_clips, random_init=args.random_init, seed=args.seed,
-                       progress=not args.quiet, backend=backend, refine=args.refine)
+                       progress=not args.quiet, backend=backend, refine=args.refine,
+                       guidance=args.guidance)
     finally:
         if backend is not None:
             backend.close()

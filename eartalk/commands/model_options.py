@@ -18,6 +18,10 @@ def add_model_options(p, backends: bool = True) -> None:
                    help="K extra refinement passes per frame: the most confident tokens are kept and the rest "
                         "predicted again, K + 1 passes in all (models trained with refinement, torch backend; "
                         "default 0, one pass)")
+    p.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help="audio guidance: each frame's logits are pushed S times as far from what the model makes of "
+                        "silence, which strengthens lip-sync (1 = off; each guided frame steps the model on two rows; "
+                        "default 1.5, measured best for tiny: runtime/guidance.py, docs/model-card.md)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --random-init, sampling and idle motion (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
