@@ -11,6 +11,7 @@ from eartalk.model.config import preset
 from eartalk.runtime import Engine, PoolFullError
 from eartalk.runtime.guidance import DEFAULT_GUIDANCE, check_guidance, guide, silence_audio
 from eartalk.runtime.torch_backend import TorchBackend
+from manual_stream import assert_engine_matches_loop, manual_stream
 
 torch.set_num_threads(1)
 CFG = preset("test", refine=True)
@@ -75,34 +76,13 @@ def test_silence_tokens_are_what_a_stream_reads_in_silence():
 def _manual(portrait, audio, guidance):
     """The same stream by hand: per frame gpt.step on the speech and again on silence (same
     history), logits guided, argmax; the cache page is the speech step's."""
-    gpt, P, W = BACKEND.bundle.gpt, CFG.page_tokens, CFG.window
-    eng = Engine(BACKEND, max_sessions=1)       # only for its audio front end and controls
-    handle = eng.open_session(portrait, idle_motion=False, guidance=1)   # kept: a dropped handle closes it
-    st = handle._state
-    st.push_audio(audio)
-    st.flush()
-    tok, ref = BACKEND.encode_portrait(portrait)
     sil = torch.from_numpy(silence_audio(BACKEND)[None])
-    with torch.inference_mode():
-        sk, sv = gpt.prefill(torch.from_numpy(tok[None]))
-    pages, prev, images = [], torch.from_numpy(tok[None]), []
-    while st.ready:
-        a, c, m = (torch.from_numpy(np.asarray(x)[None]) for x in st.step_inputs())
-        st.frame_index += 1
-        pk, pv, pl = gpt.empty_cache(1)
-        pk[:, :, :, :P], pv[:, :, :, :P], pl[:, :P] = sk, sv, -1
-        for i, (k, v) in enumerate(pages):
-            lo = P + (W - len(pages) + i) * P
-            pk[:, :, :, lo:lo + P], pv[:, :, :, lo:lo + P], pl[:, lo:lo + P] = k, v, len(pages) - i
-        with torch.inference_mode():
-            speech, nk, nv = gpt.step(prev, a, c, m, pk, pv, pl)
-            silent = gpt.step(prev, sil, c, m, pk, pv, pl)[0]
-        t = torch.from_numpy(guide(speech.numpy(), silent.numpy(), guidance)[0].argmax(-1))
-        pages = (pages + [(nk, nv)])[-W:]
-        prev = t[None]
-        images.append(BACKEND.decode(prev.numpy(), ref[None])[0])
-    eng.close()
-    return images
+
+    def frame(gpt, prev, a, c, m, pk, pv, pl):
+        speech, nk, nv = gpt.step(prev, a, c, m, pk, pv, pl)
+        silent = gpt.step(prev, sil, c, m, pk, pv, pl)[0]
+        return torch.from_numpy(guide(speech.numpy(), silent.numpy(), guidance)[0].argmax(-1)), nk, nv
+    return manual_stream(BACKEND, portrait, audio, frame)
 
 
 @pytest.mark.parametrize("guidance", [0.0, 2.0, 3.5])
@@ -110,13 +90,9 @@ def test_engine_guidance_equals_a_hand_written_loop(guidance):
     portrait, audio = _inputs(1)
     with Engine(BACKEND, max_sessions=1) as eng:
         _, got = _run(eng, portrait, audio, guidance)
-    want = _manual(portrait, audio, guidance)
-    assert len(got) == len(want) == 6
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
     with Engine(BACKEND, max_sessions=1) as eng:
         plain = _run(eng, portrait, audio, 1)[1]
-    assert not np.array_equal(np.stack(got), np.stack(plain))     # guidance did change tokens
+    assert_engine_matches_loop(got, _manual(portrait, audio, guidance), plain, frames=6)
 
 
 def test_guidance_1_is_the_unguided_stream_and_the_default_is_documented():

@@ -12,6 +12,7 @@ from eartalk.runtime import Engine
 from eartalk.runtime.backend import Backend
 from eartalk.runtime.refine import confidence, grow_known, hidden_after
 from eartalk.runtime.torch_backend import TorchBackend
+from manual_stream import assert_engine_matches_loop, manual_stream
 
 torch.set_num_threads(1)
 CFG = preset("test", refine=True)
@@ -76,41 +77,22 @@ def _run(eng, portrait, audio, refine):
 
 def _manual(portrait, audio, refine):
     """The same stream by hand: gpt.step per frame, then ``refine`` draft passes of it."""
-    gpt, N, P, W = BACKEND.bundle.gpt, CFG.tokens_per_frame, CFG.page_tokens, CFG.window
-    eng = Engine(BACKEND, max_sessions=1)       # only for its audio front end and controls
-    handle = eng.open_session(portrait, idle_motion=False)   # kept: a dropped handle closes its session
-    st = handle._state
-    st.push_audio(audio)
-    st.flush()
-    tok, ref = BACKEND.encode_portrait(portrait)
-    with torch.inference_mode():
-        sk, sv = gpt.prefill(torch.from_numpy(tok[None]))
-    pages, prev, images = [], torch.from_numpy(tok[None]), []
-    while st.ready:
-        a, c, m = (torch.from_numpy(np.asarray(x)[None]) for x in st.step_inputs())
-        st.frame_index += 1
-        pk, pv, pl = gpt.empty_cache(1)
-        pk[:, :, :, :P], pv[:, :, :, :P], pl[:, :P] = sk, sv, -1
-        for i, (k, v) in enumerate(pages):
-            lo = P + (W - len(pages) + i) * P
-            pk[:, :, :, lo:lo + P], pv[:, :, :, lo:lo + P], pl[:, lo:lo + P] = k, v, len(pages) - i
-        with torch.inference_mode():
-            logits, nk, nv = gpt.step(prev, a, c, m, pk, pv, pl)
-            t = logits[0].argmax(-1)
-            known = torch.zeros(N, dtype=torch.bool)
-            conf = torch.softmax(logits[0].double(), -1).max(-1).values
-            for j in range(1, refine + 1):
-                keep = N - int(math.floor(N * math.cos(math.pi / 2 * j / (refine + 1)) + 1e-9))
-                order = torch.argsort(torch.where(known, math.inf, conf), descending=True, stable=True)
-                known[order[:keep]] = True
-                lg = gpt.step(prev, a, c, m, pk, pv, pl, draft=t[None], draft_known=known[None])[0][0]
-                t = torch.where(known, t, lg.argmax(-1))
-                conf = torch.softmax(lg.double(), -1).max(-1).values
-        pages = (pages + [(nk, nv)])[-W:]
-        prev = t[None]
-        images.append(BACKEND.decode(prev.numpy(), ref[None])[0])
-    eng.close()
-    return images
+    N = CFG.tokens_per_frame
+
+    def frame(gpt, prev, a, c, m, pk, pv, pl):
+        logits, nk, nv = gpt.step(prev, a, c, m, pk, pv, pl)
+        t = logits[0].argmax(-1)
+        known = torch.zeros(N, dtype=torch.bool)
+        conf = torch.softmax(logits[0].double(), -1).max(-1).values
+        for j in range(1, refine + 1):
+            keep = N - int(math.floor(N * math.cos(math.pi / 2 * j / (refine + 1)) + 1e-9))
+            order = torch.argsort(torch.where(known, math.inf, conf), descending=True, stable=True)
+            known[order[:keep]] = True
+            lg = gpt.step(prev, a, c, m, pk, pv, pl, draft=t[None], draft_known=known[None])[0][0]
+            t = torch.where(known, t, lg.argmax(-1))
+            conf = torch.softmax(lg.double(), -1).max(-1).values
+        return t, nk, nv
+    return manual_stream(BACKEND, portrait, audio, frame)
 
 
 @pytest.mark.parametrize("refine", [1, 3])
@@ -118,13 +100,9 @@ def test_engine_refinement_equals_a_hand_written_loop(refine):
     portrait, audio = _inputs(1)
     with Engine(BACKEND, max_sessions=1) as eng:
         _, got = _run(eng, portrait, audio, refine)
-    want = _manual(portrait, audio, refine)
-    assert len(got) == len(want) == 6
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
     with Engine(BACKEND, max_sessions=1) as eng:
         plain = _run(eng, portrait, audio, 0)[1]
-    assert not np.array_equal(np.stack(got), np.stack(plain))     # the passes did change tokens
+    assert_engine_matches_loop(got, _manual(portrait, audio, refine), plain, frames=6)
 
 
 def test_refinement_changes_frames_and_refine_0_is_the_one_pass_stream():
