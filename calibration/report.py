@@ -245,7 +245,8 @@ def format_markdown(r: dict) -> str:
                      f"{_fmt(m['drift_slope_fp32'], '.2e')} / {_fmt(m[f'drift_slope_{p}'], '.2e')}", None))
         rows.append((f"drift ratio fp32 / {p}", f"{_fmt(m['drift_ratio_fp32'], '.2f')} / {_fmt(m[f'drift_ratio_{p}'], '.2f')}", None))
     lines = [f"# {p} vs fp32 (ONNX Runtime CPU): {r['model']}{' (RANDOM INIT)' if r['random_init'] else ''}", "",
-             f"{r['frames']} frames on {len(r['clips'])} clips of {r['data']} [{r['split']}]", "",
+             f"{r['frames']} frames on {len(r['clips'])} clips of {r['data']} [{r['split']}], audio guidance "
+             f"{r.get('guidance', 1.0):g}{' (unguided)' if r.get('guidance', 1.0) == 1 else ''}", "",
              "| metric | value | target | met |", "|---|---|---|---|"]
     for name, val, tg in rows:
         lines.append(f"| {name} | {val} | {tg['target'] if tg else ''} | {('yes' if tg['met'] else 'NO') if tg else ''} |")

@@ -58,6 +58,16 @@ def test_report_files_and_numbers(qdir):
     md_text = (qdir / "rep" / "int8.report.md").read_text()
     assert "| token agreement (same inputs) |" in md_text and "Kept in fp32" in md_text
     assert rep["targets"]["token_agreement"]["met"] == (m["token_agreement"] >= 0.97)
+    assert saved["guidance"] == 1.0 and "audio guidance 1 (unguided)" in md_text
+
+
+def test_report_of_guided_streams(qdir):
+    from eartalk.calibration.report import accuracy_report
+    rep = accuracy_report(qdir / "q", "int8", qdir / "corpus", qdir / "rep-g", model="test", random_init=True,
+                          split="train", max_clips=1, max_frames=30, frames_drift=20, progress=False, guidance=1.5)
+    # one step call per frame still (two rows each: speech and silence, compared row by row)
+    assert rep["guidance"] == 1.5 and rep["frames"] == 30
+    assert "audio guidance 1.5" in (qdir / "rep-g" / "int8.report.md").read_text()
 
 
 def test_runtime_loads_int8_graphs(qdir):

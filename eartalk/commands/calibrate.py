@@ -74,6 +74,9 @@ def add_arguments(p):
                         "streams moved by a few percent from sampling alone)")
     a.add_argument("--max-frames", type=int, default=250, help="frames per clip (default 250)")
     a.add_argument("--frames-drift", type=int, default=2000, help="identity drift run length (default 2000)")
+    a.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                   help="audio guidance of the measured streams (runtime/guidance.py; default 1, unguided, one step "
+                        "row per frame, as the shipped reports; the runtime's default is 1.5)")
 
 
 def run(args) -> int:
@@ -107,6 +110,6 @@ def run(args) -> int:
     from eartalk.calibration.report import accuracy_report, format_markdown
     rep = accuracy_report(args.onnx, args.precision, args.data, args.out, model=args.model,
                           random_init=args.random_init, seed=args.seed, split=args.split, max_clips=args.max_clips,
-                          max_frames=args.max_frames, frames_drift=args.frames_drift)
+                          max_frames=args.max_frames, frames_drift=args.frames_drift, guidance=args.guidance)
     print(format_markdown(rep))
     return 0
