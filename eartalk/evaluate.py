@@ -249,8 +249,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     from eartalk.model.train_gpt import clip_portrait, fit_size
     from eartalk.probe.net import load_probe
     from eartalk.generate import open_backend
-    from eartalk.runtime.guidance import DEFAULT_GUIDANCE, check_guidance
-    guidance = check_guidance(DEFAULT_GUIDANCE if guidance is None else guidance)
+    from eartalk.runtime.guidance import resolve_guidance
+    guidance = resolve_guidance(guidance)
     out = Path(out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: expected a .json file name for the report")

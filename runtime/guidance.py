@@ -28,7 +28,7 @@ import numpy as np
 
 from eartalk.model.audio import SILENCE_LOG_MEL
 
-__all__ = ["DEFAULT_GUIDANCE", "MAX_GUIDANCE", "check_guidance", "guide", "silence_audio"]
+__all__ = ["DEFAULT_GUIDANCE", "MAX_GUIDANCE", "check_guidance", "resolve_guidance", "guide", "silence_audio"]
 
 DEFAULT_GUIDANCE = 1.5     # measured best of 1, 1.5, 2, 3 on the shipped tiny (docs/model-card.md)
 MAX_GUIDANCE = 8.0         # far past any useful scale: a larger one is almost surely a typo
@@ -41,6 +41,11 @@ def check_guidance(guidance) -> float:
         raise ValueError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}] (1 = off, {DEFAULT_GUIDANCE:g} = "
                          f"the default), got {guidance!r}")
     return float(guidance)
+
+
+def resolve_guidance(guidance) -> float:
+    """A caller's ``guidance`` (None = :data:`DEFAULT_GUIDANCE`) as a checked float."""
+    return check_guidance(DEFAULT_GUIDANCE if guidance is None else guidance)
 
 
 def guide(speech: np.ndarray, silent: np.ndarray, scale) -> np.ndarray:

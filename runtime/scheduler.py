@@ -31,7 +31,7 @@ import torch
 from .kv_cache import KVCache
 from .page_pool import PagePool, PoolFullError
 from .page_table import SessionPages, build_page_table
-from .guidance import DEFAULT_GUIDANCE, check_guidance, guide, silence_audio
+from .guidance import guide, resolve_guidance, silence_audio
 from .refine import confidence, grow_known, hidden_after
 from .session import Session, StreamState
 
@@ -93,7 +93,7 @@ class Engine:
                 f"KV page pool full: {len(self.sessions)} sessions already hold the pool of "
                 f"{self.pool.num_pages} pages ({self.pages_per_session} pages per session, room for "
                 f"{self.capacity}); close a session or build the Engine with a larger max_sessions")
-        guidance = check_guidance(DEFAULT_GUIDANCE if guidance is None else guidance)
+        guidance = resolve_guidance(guidance)
         limit = getattr(self.backend, "max_batch", None)
         guided = sum(s.guidance != 1.0 for s in self.sessions) + (guidance != 1.0)
         rows = len(self.sessions) + 1 + guided
@@ -214,12 +214,11 @@ class Engine:
         if self._silence is None:
             self._silence = silence_audio(self.backend)
         prev, audio, cond, cond_mask, past_k, past_v, past_lag, *extra = args
-        sel = torch.as_tensor(g, device=past_k.device)
         both = lambda a: np.concatenate([a, a[g]])   # noqa: E731
+        again = _past_rows((past_k, past_v, past_lag), g)
         out = fn(both(prev), np.concatenate([audio, np.broadcast_to(self._silence, (len(g),) + audio.shape[1:])]),
-                 both(cond), both(cond_mask), torch.cat([past_k, past_k.index_select(1, sel)], 1),
-                 torch.cat([past_v, past_v.index_select(1, sel)], 1),
-                 torch.cat([past_lag, past_lag.index_select(0, sel.to(past_lag.device))]), *map(both, extra))
+                 both(cond), both(cond_mask), torch.cat([past_k, again[0]], 1), torch.cat([past_v, again[1]], 1),
+                 torch.cat([past_lag, again[2]]), *map(both, extra))
         logits, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         B = len(scales)
         logits = np.asarray(logits)
@@ -242,9 +241,7 @@ class Engine:
             rows = [b for b, s in enumerate(batch) if s.refine >= j]
             past = (past_k, past_v, past_lag)
             if len(rows) < len(batch):          # the dense past of those sessions only
-                sel = torch.as_tensor(rows, device=past_k.device)
-                past = (past_k.index_select(1, sel), past_v.index_select(1, sel),
-                        past_lag.index_select(0, sel.to(past_lag.device)))
+                past = _past_rows(past, rows)
             out = self._guided(self.backend.refine, (prev[rows], audio[rows], cond[rows], cond_mask[rows], *past,
                                                      tokens[rows], known[rows]), [batch[b].guidance for b in rows])
             out = np.asarray(out)
@@ -271,6 +268,13 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine(backend={self.backend.name}, sessions={len(self.sessions)}/{self.capacity}, "
                 f"pages={self.pool.num_used}/{self.pool.num_pages})")
+
+
+def _past_rows(past, rows: list[int]):
+    """The dense past ``(past_k, past_v, past_lag)`` of batch rows ``rows`` only (a copy)."""
+    past_k, past_v, past_lag = past
+    sel = torch.as_tensor(rows, device=past_k.device)
+    return past_k.index_select(1, sel), past_v.index_select(1, sel), past_lag.index_select(0, sel.to(past_lag.device))
 
 
 def _expand_sinks(k, v, sink_frames: int):

@@ -29,8 +29,6 @@ from eartalk.model.conditions import encode_controls
 from eartalk.model.config import CONTROLS
 from eartalk.model.gpt import sample
 
-from .guidance import check_guidance
-
 __all__ = ["Frame", "Session", "SessionClosedError", "StreamState"]
 
 SILENCE_RMS = 10 ** (-45 / 20)        # -45 dBFS
@@ -55,7 +53,6 @@ class StreamState:
     def __init__(self, sid: int, cfg, backend, pages, portrait_tokens: np.ndarray, ref: np.ndarray,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
                  idle_motion: bool = True, refine: int = 0, guidance: float = 1.0):
-        guidance = check_guidance(guidance)
         if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
             raise ValueError(f"refine must be an int >= 0 (extra passes per frame; 0 = one pass), got {refine!r}")
         why = backend.refine_blocker() if refine else None
@@ -80,7 +77,7 @@ class StreamState:
         self.generator = torch.Generator().manual_seed(self.seed) if temperature > 0 else None
         self.idle_motion = bool(idle_motion)
         self.refine = int(refine)       # extra passes per frame (runtime/refine.py)
-        self.guidance = guidance        # audio guidance scale, 1 = off (runtime/guidance.py)
+        self.guidance = float(guidance)   # audio guidance scale, 1 = off; checked by Engine.open_session
         self._idle = None
         self.frame_index = 0            # next frame to step
         self.out: deque[Frame] = deque()
