@@ -164,6 +164,21 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     assert again["steps"] >= rep["steps"] and again["minutes"] >= rep["minutes"]
 
 
+def test_a_step_limited_run_checkpoints_its_last_step_and_resumes_from_it(tmp_path):
+    from eartalk.model.train_gpt import train_gpt
+    cfg = preset("test")
+    data = _clips(cfg)
+    kw = dict(minutes=10.0, batch=2, T=6, progress=False)
+    first = train_gpt(new_bundle(cfg, seed=0), data, [], tmp_path, max_steps=3, **kw)
+    assert first["steps"] == 3          # 3 is not a multiple of the checkpoint interval: saved all the same
+    assert torch.load(tmp_path / "gpt_ckpt.pt", weights_only=True)["step"] == 3
+    more = train_gpt(new_bundle(cfg, seed=1), data, [], tmp_path, max_steps=5, **kw)
+    assert more["steps"] == 5 and more["minutes"] >= first["minutes"]
+    # nothing left to train: the resumed run reports what the checkpoint holds, time included
+    idle = train_gpt(new_bundle(cfg, seed=2), data, [], tmp_path, max_steps=5, **kw)
+    assert idle["steps"] == 5 and idle["minutes"] == more["minutes"] and idle["train_loss"] == more["train_loss"]
+
+
 def _clips(cfg, n=3, seed=0):
     from eartalk.model.train_gpt import ClipTokens
     rng = np.random.default_rng(seed)

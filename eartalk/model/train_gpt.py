@@ -413,17 +413,20 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         hist["loss"].append(ce.item())
         bar.update(min(budget, time.time() - t0) - bar.n)
         bar.set_postfix(step=step, loss=f"{np.mean(hist['loss'][-20:]):.3f}")
-        if step % 200 == 0 or time.time() - t0 >= budget:
+        last = step >= max_steps or time.time() - t0 >= budget
+        if step % 200 == 0 or last:
             if vbatches:
                 hist["val_step"].append(step)
                 hist["val_loss"].append(_val_loss(bundle, vbatches))
+            # the time saved is the time reported: a resumed run that trains no further reports the same
+            spent = time.time() - t0
             torch.save({"gpt": bundle.gpt.state_dict(), "audio": bundle.audio.state_dict(),
-                        "mouth_head": head.state_dict(), "opt": opt.state_dict(), "step": step, "spent": time.time() - t0,
+                        "mouth_head": head.state_dict(), "opt": opt.state_dict(), "step": step, "spent": spent,
                         "hist": json.dumps(hist)}, ckpt)
     bar.close()
     bundle.eval()
     plot_curves(hist, out_dir / "gpt_curves.png")
-    return {"steps": step, "minutes": round((time.time() - t0) / 60, 2),
+    return {"steps": step, "minutes": round(spent / 60, 2),
             "train_loss": float(np.mean(hist["loss"][-50:])) if hist["loss"] else None,
             "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None,
             "mouth_loss": float(np.mean(hist["mouth"][-50:])) if hist["mouth"] else None}
