@@ -61,9 +61,11 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path, **extra) -> Path:
     tmp = out / (WEIGHTS + ".partial")
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS)
-    card = {"format": FORMAT, "eartalk_version": eartalk.__version__, "config": bundle.cfg.to_dict(),
-            "sha256": weights_digest(out / WEIGHTS), **{k: v for k, v in bundle.meta.items() if k != "random_init"},
-            **extra}
+    # a loaded bundle's meta carries its old card: the new weights' hash, config and format win
+    own = ("random_init", "format", "eartalk_version", "config", "sha256")
+    card = {**{k: v for k, v in bundle.meta.items() if k not in own}, **extra,
+            "format": FORMAT, "eartalk_version": eartalk.__version__, "config": bundle.cfg.to_dict(),
+            "sha256": weights_digest(out / WEIGHTS)}
     (out / CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return out
 
