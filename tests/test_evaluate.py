@@ -10,7 +10,7 @@ import torch
 
 from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
-from eartalk.evaluate import drift_checkpoints, pearson, pinned_timeline, psnr, ssim
+from eartalk.evaluate import drift_checkpoints, drift_windows, pearson, pinned_timeline, psnr, ssim
 from eartalk.model.bundle import new_bundle, save_bundle
 from eartalk.model.config import CONTROLS, EMOTIONS, preset
 
@@ -49,6 +49,21 @@ def test_ssim_known_values_and_ordering():
 def test_pearson_is_undefined_for_a_constant_side():
     assert math.isnan(pearson(np.ones(5), np.arange(5)))
     assert pearson(np.arange(5), 2 * np.arange(5) + 1) == pytest.approx(1.0)
+
+
+def test_drift_windows_are_one_loop_each_so_a_looped_clip_reads_ratio_one():
+    assert drift_windows(10000, 190) == (range(5, 195), range(9811, 10001))     # centred on frame 100
+    assert drift_windows(10000, 400) == (range(2, 402), range(9601, 10001))     # clear of frame 1
+    assert drift_windows(300, 190) == (range(5, 195), range(111, 301))
+    assert drift_windows(40, 100) == (range(2, 41), range(2, 41))               # shorter than a loop
+    rng = np.random.default_rng(0)
+    for n, period in ((10000, 190), (10000, 400), (300, 190), (250, 37)):
+        loop = rng.random(period)                 # one value per frame of the clip, repeated
+        a, b = drift_windows(n, period)
+        assert len(a) == len(b) == period
+        assert np.mean(loop[[(f - 1) % period for f in a]]) == pytest.approx(np.mean(loop[[(f - 1) % period for f in b]]))
+    with pytest.raises(ValueError, match="period must be >= 1"):
+        drift_windows(100, 0)
 
 
 def test_drift_checkpoints():
@@ -106,6 +121,14 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert drift["frames"] == 40 and set(drift["distance_at"]) == {"4", "40"} and drift["ratio_frames"] == [40, 4]
     assert (tmp_path / "ev" / "report.drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drift["curve_frames"][0] == 1 and drift["curve"][0] == pytest.approx(0, abs=1e-6)
+    first = load_clip(d, ids[0], frames=False)
+    a, b = drift_windows(40, len(first.gt["viseme"]))
+    assert drift["ratio_windows"] == [[a[0], a[-1]], [b[0], b[-1]]]
+    for r in (drift, drift["ceiling"]):     # a zero reference distance has no ratio (null in the JSON)
+        ratio = lambda a, b: pytest.approx(a / b) if b > 0 else None   # noqa: E731
+        assert r["ratio"] == ratio(r["window_mean"]["40"], r["window_mean"]["4"])
+        assert r["ratio_single_frame"] == ratio(r["distance_at"]["40"], r["distance_at"]["4"])
+    assert rep["metrics"]["drift_ratio"] == drift["ratio"] and rep["ceiling"]["drift_ratio"] == drift["ceiling"]["ratio"]
 
     # the ceiling is the probe on the ground-truth frames, scored against the ground truth
     probe = load_probe()
