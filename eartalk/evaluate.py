@@ -225,16 +225,16 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
     ours = curve(kept)
     ceil = curve(gt_frames[[(f - 1) % len(gt_frames) for f in frames_1b]])
 
+    pick = np.searchsorted(frames_1b, curve_1b)      # the curve's frames among those probed
+
     def summary(d):
         at = dict(zip(frames_1b, d.tolist()))
-        curve = np.array([at[f] for f in curve_1b])
-        slope = float(np.polyfit(curve_1b, curve, 1)[0] * 1000) if len(curve_1b) > 1 else math.nan
+        slope = float(np.polyfit(curve_1b, d[pick], 1)[0] * 1000) if len(curve_1b) > 1 else math.nan
         m_ref, m_last = (float(np.mean([at[f] for f in w])) for w in (win_ref, win_last))
         return {"distance_at": {str(c): at[c] for c in cps}, "slope_per_1000_frames": slope,
                 "window_mean": {str(ref): m_ref, str(n): m_last},
                 "ratio": m_last / m_ref if m_ref > 0 else math.nan,
                 "ratio_single_frame": at[n] / at[ref] if at[ref] > 0 else math.nan}
-    pick = [frames_1b.index(f) for f in curve_1b]
     return {"clip": clip.clip_id, "frames": n, "ratio_frames": [n, ref], "fps": n / secs if secs else math.nan,
             "ratio_windows": [[win_ref[0], win_ref[-1]], [win_last[0], win_last[-1]]],
             "curve_frames": curve_1b, "curve": ours[pick].tolist(), "ceiling_curve": ceil[pick].tolist(),
