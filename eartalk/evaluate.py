@@ -199,8 +199,20 @@ def drift_windows(n: int, period: int) -> tuple[range, range]:
     return range(start, start + w), range(n - w + 1, n + 1)
 
 
+def looped_timeline(gt: dict[str, np.ndarray], n_frames: int) -> list[tuple[int, dict]]:
+    """:func:`pinned_timeline` of the ground truth looped to ``n_frames`` (frame t pins the truth of
+    frame t mod the clip's length), the controls the looped renders themselves were drawn with."""
+    lengths = {len(np.asarray(v)) for v in gt.values()}
+    if not lengths or min(lengths) < 1:
+        raise ValueError("gt has no frames to loop")
+    return pinned_timeline({k: np.resize(np.asarray(v), n_frames) for k, v in gt.items()}, n_frames)
+
+
 def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool, refine: int = 0,
-           guidance: float | None = None) -> dict:
+           guidance: float | None = None, pinned: bool = False) -> dict:
+    """The identity-drift stream: ``n`` frames of the clip's looped speech, its controls free
+    (``pinned=False``: the model's own motion) or pinned to the looped ground truth (the renders'
+    own motion, so a change in distance is the identity's and not a change in how the face moves)."""
     from tqdm import tqdm
     cps, ref = drift_checkpoints(n)
     win_ref, win_last = drift_windows(n, len(gt_frames))
@@ -210,10 +222,12 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
     keep = {f - 1 for f in frames_1b}
     spf = backend.cfg.samples_per_frame
     audio = np.resize(clip.audio.astype(np.float32), n * spf)      # the clip's speech, looped
-    bar = tqdm(total=n, desc="drift", unit="frame", disable=not progress, file=sys.stderr)
+    timeline = looped_timeline(clip.gt, n) if pinned else ()
+    bar = tqdm(total=n, desc="drift, controls " + ("pinned" if pinned else "free"), unit="frame",
+               disable=not progress, file=sys.stderr)
     t0 = time.perf_counter()
-    kept = _frames_of(backend, portrait, audio, seed=seed, keep=keep, on_frame=lambda f: bar.update(), refine=refine,
-                      guidance=guidance)
+    kept = _frames_of(backend, portrait, audio, timeline, seed=seed, keep=keep, on_frame=lambda f: bar.update(),
+                      refine=refine, guidance=guidance)
     bar.close()
     secs = time.perf_counter() - t0
 
@@ -235,21 +249,26 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
                 "window_mean": {str(ref): m_ref, str(n): m_last},
                 "ratio": m_last / m_ref if m_ref > 0 else math.nan,
                 "ratio_single_frame": at[n] / at[ref] if at[ref] > 0 else math.nan}
-    return {"clip": clip.clip_id, "frames": n, "ratio_frames": [n, ref], "fps": n / secs if secs else math.nan,
+    return {"clip": clip.clip_id, "frames": n, "controls": "pinned" if pinned else "free",
+            "ratio_frames": [n, ref], "fps": n / secs if secs else math.nan,
             "ratio_windows": [[win_ref[0], win_ref[-1]], [win_last[0], win_last[-1]]],
             "curve_frames": curve_1b, "curve": ours[pick].tolist(), "ceiling_curve": ceil[pick].tolist(),
             **summary(ours), "ceiling": summary(ceil)}
 
 
-def _plot_drift(d: dict, path: Path) -> None:
+def _plot_drift(d: dict, path: Path, pinned: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(d["curve_frames"], d["curve"], label=f"model (slope {d['slope_per_1000_frames']:.2g}/1000 frames)")
+    ax.plot(d["curve_frames"], d["curve"], label=f"model, controls free (ratio {d['ratio']:.3f}, "
+                                                 f"slope {d['slope_per_1000_frames']:.2g}/1000 frames)")
+    if pinned is not None:
+        ax.plot(pinned["curve_frames"], pinned["curve"], label=f"model, controls pinned to the truth "
+                                                             f"(ratio {pinned['ratio']:.3f})")
     ax.plot(d["curve_frames"], d["ceiling_curve"], label="ground-truth renders (ceiling)", alpha=0.7)
     for i, (a, b) in enumerate(d.get("ratio_windows", ())):
-        ax.axvspan(a, b, color="grey", alpha=0.2, label=f"ratio windows (ratio {d['ratio']:.3f})" if not i else None)
+        ax.axvspan(a, b, color="grey", alpha=0.2, label="ratio windows (one loop each)" if not i else None)
     ax.set_xlabel("frame")
     ax.set_ylabel("identity distance from frame 1 (1 - cos)")
     ax.set_title(f"identity drift, clip {d['clip']}, looped audio")
@@ -334,6 +353,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
             if first is None:
                 first = (clip, portrait, gt_frames)
         drift = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress, refine, guidance)
+        drift_pinned = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress, refine,
+                              guidance, pinned=True)
     finally:
         if own_backend:
             backend.close()
@@ -343,11 +364,15 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     metrics = {"psnr_db": _mean_psnr(psnrs), "ssim": float(np.mean(ssims)),
                **_lipsync_metrics(F, lab), **_control_metrics(P, lab),
                "drift_slope_per_1000_frames": drift["slope_per_1000_frames"], "drift_ratio": drift["ratio"],
-               "drift_ratio_single_frame": drift["ratio_single_frame"]}
+               "drift_ratio_single_frame": drift["ratio_single_frame"],
+               "drift_slope_pinned_per_1000_frames": drift_pinned["slope_per_1000_frames"],
+               "drift_ratio_pinned": drift_pinned["ratio"]}
     ceiling = {"psnr_db": psnr(ref_frame, ref_frame), "ssim": ssim(ref_frame, ref_frame),
                **_lipsync_metrics(G, lab), **_control_metrics(G, lab),
                "drift_slope_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
-               "drift_ratio": drift["ceiling"]["ratio"], "drift_ratio_single_frame": drift["ceiling"]["ratio_single_frame"]}
+               "drift_ratio": drift["ceiling"]["ratio"], "drift_ratio_single_frame": drift["ceiling"]["ratio_single_frame"],
+               "drift_slope_pinned_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
+               "drift_ratio_pinned": drift["ceiling"]["ratio"]}
     tok_ceiling = None
     if recon:       # same lab: pinned and free metrics alike come from the reconstructed truth
         R = _cat(recon)
@@ -355,7 +380,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                        **_lipsync_metrics(R, lab), **_control_metrics(R, lab)}
     plot = out.with_name(out.stem + ".drift.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot_drift(drift, plot)
+    _plot_drift(drift, plot, drift_pinned)
     info = getattr(getattr(backend, "bundle", None), "meta", {}) or {}
     report = {
         "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
@@ -364,7 +389,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,
-        "drift": {**drift, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
+        "drift": {**drift, "plot": str(plot)}, "drift_pinned": {**drift_pinned, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
         "notes": ["ceiling = the same probe on the ground-truth renders (psnr/ssim of the renders with "
                   "themselves: inf / 1); control metrics from the pinned run, lip-sync from the free run",
                   "non-finite numbers are stored as null (NaN: undefined, e.g. a constant prediction) "
@@ -413,7 +438,9 @@ ROWS = (("psnr_db", "PSNR (dB), pinned", ".2f"), ("ssim", "SSIM, pinned", ".4f")
         ("emotion_accuracy", f"emotion recognised (target >= {EMOTION_TARGET:.0%})", ".3f"),
         ("drift_slope_per_1000_frames", "identity drift slope / 1000 frames", ".2e"),
         ("drift_ratio", "identity drift dist(last)/dist(ref), loop means", ".3f"),
-        ("drift_ratio_single_frame", "identity drift dist(last)/dist(ref), one frame", ".2f"))
+        ("drift_ratio_single_frame", "identity drift dist(last)/dist(ref), one frame", ".2f"),
+        ("drift_slope_pinned_per_1000_frames", "drift slope / 1000 frames, controls pinned", ".2e"),
+        ("drift_ratio_pinned", "drift ratio, loop means, controls pinned", ".3f"))
 
 
 def _span(drift: dict, i: int) -> str:

@@ -10,7 +10,8 @@ import torch
 
 from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
-from eartalk.evaluate import drift_checkpoints, drift_windows, pearson, pinned_timeline, psnr, ssim
+from eartalk.evaluate import (drift_checkpoints, drift_windows, looped_timeline, pearson, pinned_timeline, psnr,
+                               ssim)
 from eartalk.model.bundle import new_bundle, save_bundle
 from eartalk.model.config import CONTROLS, EMOTIONS, preset
 
@@ -98,6 +99,19 @@ def test_pinned_timeline_pins_every_control_to_the_truth(corpus):
         assert all(CONTROLS[k][2][0] <= v[k] <= CONTROLS[k][2][1] for k in v if k != "emotion")
 
 
+def test_looped_timeline_pins_frame_t_to_the_truth_of_t_mod_the_clip_length():
+    gt = {"yaw": np.array([1.0, 2.0, 3.0]), "pitch": np.zeros(3), "roll": np.zeros(3), "gaze_x": np.zeros(3),
+          "gaze_y": np.zeros(3), "blink": np.array([0.0, 1.0, 0.0]), "emotion": np.array([0, 2, 1])}
+    tl = looped_timeline(gt, 7)
+    assert [f for f, _ in tl] == list(range(7))
+    assert [v["yaw"] for _, v in tl] == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0]
+    assert [v["blink"] for _, v in tl] == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert [v["emotion"] for _, v in tl] == [EMOTIONS[i] for i in (0, 2, 1, 0, 2, 1, 0)]
+    assert looped_timeline(gt, 2) == pinned_timeline(gt, 2)          # shorter than a loop: the truth itself
+    with pytest.raises(ValueError, match="no frames"):
+        looped_timeline({k: v[:0] for k, v in gt.items()}, 4)
+
+
 def test_eval_end_to_end(corpus, tmp_path, capsys):
     from eartalk.model.train_gpt import fit_size
     from eartalk.probe.net import load_probe, predict
@@ -129,6 +143,15 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
         assert r["ratio"] == ratio(r["window_mean"]["40"], r["window_mean"]["4"])
         assert r["ratio_single_frame"] == ratio(r["distance_at"]["40"], r["distance_at"]["4"])
     assert rep["metrics"]["drift_ratio"] == drift["ratio"] and rep["ceiling"]["drift_ratio"] == drift["ceiling"]["ratio"]
+    pin = rep["drift_pinned"]           # the same stream with the controls pinned to the looped truth
+    assert drift["controls"] == "free" and pin["controls"] == "pinned"
+    assert pin["ratio_windows"] == drift["ratio_windows"] and pin["curve_frames"] == drift["curve_frames"]
+    assert pin["ceiling"] == drift["ceiling"]                       # the same renders
+    if pin["window_mean"]["4"] > 0:
+        assert pin["ratio"] == pytest.approx(pin["window_mean"]["40"] / pin["window_mean"]["4"])
+    assert rep["metrics"]["drift_ratio_pinned"] == pin["ratio"]
+    assert rep["metrics"]["drift_slope_pinned_per_1000_frames"] == pin["slope_per_1000_frames"]
+    assert "controls pinned" in printed
 
     # the ceiling is the probe on the ground-truth frames, scored against the ground truth
     probe = load_probe()
@@ -159,7 +182,7 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
             ps += [psnr(a, b) for a, b in zip(y, f)]
     q = predict(probe, fit_size(np.concatenate(rec), probe.cfg.image_size))
     tc = rep["tokenizer_ceiling"]
-    assert keys - {"drift_slope_per_1000_frames", "drift_ratio"} <= set(tc)
+    assert keys - {"drift_slope_per_1000_frames", "drift_ratio"} <= set(tc) and not any("drift" in k for k in tc)
     assert tc["psnr_db"] == pytest.approx(np.mean(ps), rel=1e-6)
     assert tc["viseme_accuracy"] == pytest.approx(np.mean(q["viseme"] == gt["viseme"]))
     assert tc["emotion_accuracy"] == pytest.approx(np.mean(q["emotion"] == gt["emotion"]))

@@ -15,12 +15,14 @@ Per clip, the model gets the clip's portrait and speech through the streaming ru
   free run    controls free -> lip-sync: mouth-openness Pearson r, viseme accuracy
   drift       the first clip's audio looped to --frames-drift frames: identity-embedding
               distance from frame 1 at frames 100, 1000, ..., linear-trend slope, ratio
-              dist(last)/dist(100), plot in <report>.drift.png
+              dist(last)/dist(100) (each the mean over one loop), plot in <report>.drift.png;
+              run twice: controls free (the model's own motion) and pinned to the looped
+              ground truth (the renders' motion: what changes is the identity alone)
 The same metrics of the probe on the ground-truth renders are the ceiling, printed beside the
 model's and stored under "ceiling" in the report. With the torch backend, the same metrics on the
 ground truth encoded and decoded by the model's own tokenizer are printed too ("tokenizer", stored
-under "tokenizer_ceiling"): what a perfect transformer would score with this tokenizer. Drift costs frames-drift / fps seconds (10,000
-frames at ~20 fps: ~8 minutes on tiny).
+under "tokenizer_ceiling"): what a perfect transformer would score with this tokenizer. Drift costs 2 x frames-drift / fps seconds
+(10,000 frames at ~20 fps: ~16 minutes on tiny).
 
 --backend onnxruntime --onnx-dir DIR [--precision int8] evaluates the exported (or quantized)
 graphs instead of torch: the same metrics, about twice the speed on a CPU.
