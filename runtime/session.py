@@ -10,9 +10,11 @@ Idle motion. The model leaves free controls to itself, but a deterministic (argm
 silence tends to settle on one frame. So while a frame's audio is silent (RMS below -45 dBFS),
 the kinds the user has *not* pinned -- pose, gaze, blink -- are pinned to a natural idle track
 (``eartalk.data.motion.controls_track``: 15-20 blinks a minute, slow head drift at half its
-amplitude, gaze fixations), seeded by the session's seed. During speech those kinds are free again
-(speech-driven motion is the model's job), and a kind the user pinned is never touched. Emotion is
-never driven. ``idle_motion=False`` turns this off.
+amplitude, gaze fixations), seeded by the session's seed. During speech pose and gaze are free
+again (speech-driven motion is the model's job), but blinks stay on the track: their timing does
+not follow the speech, so an argmax stream left to itself never blinks while talking (measured:
+no closed-eye frame in 10,000 frames of looped speech, docs/model-card.md). A kind the user pinned
+is never touched. Emotion is never driven. ``idle_motion=False`` turns this off.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ SILENCE_RMS = 10 ** (-45 / 20)        # -45 dBFS
 IDLE_TRACK_FRAMES = 1500               # 60 s, played back and forth (continuous, never repeats a jump)
 IDLE_POSE_SCALE = 0.5                  # "gentle": half the corpus' idle head motion
 _IDLE_NAMES = {"pose": ("yaw", "pitch", "roll"), "gaze": ("gaze_x", "gaze_y"), "blink": ("blink",)}
+_SPEECH_DRIVEN = ("blink",)            # the kinds the idle track drives during speech too
 
 
 class Frame(NamedTuple):
@@ -136,13 +139,14 @@ class StreamState:
             self.controls = {k: v for k, v in {**self.controls, **due}.items() if v is not None}
         values = dict(self.controls)
         rms = self.rms.popleft()
-        if self.idle_motion and rms < SILENCE_RMS:
-            values.update(self._idle_values(values))
+        if self.idle_motion:
+            values.update(self._idle_values(values, _IDLE_NAMES if rms < SILENCE_RMS else _SPEECH_DRIVEN))
         cond, mask = encode_controls(values)
         audio = self.audio.popleft()
         return np.asarray(audio, np.float32), cond, mask
 
-    def _idle_values(self, pinned: dict) -> dict:
+    def _idle_values(self, pinned: dict, kinds) -> dict:
+        """The idle track's values at this frame for ``kinds`` the user has not pinned."""
         if self._idle is None:
             from eartalk.data.motion import controls_track
             self._idle = controls_track(IDLE_TRACK_FRAMES, np.random.default_rng(self.seed), fps=self.cfg.fps)
@@ -150,7 +154,8 @@ class StreamState:
         i = self.frame_index % period
         i = i if i < IDLE_TRACK_FRAMES else period - i               # back and forth
         out = {}
-        for kind, names in _IDLE_NAMES.items():
+        for kind in kinds:
+            names = _IDLE_NAMES[kind]
             if any(n in pinned for n in names):
                 continue                                              # the user's pin wins
             for n in names:

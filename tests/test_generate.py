@@ -79,12 +79,16 @@ def test_timeline_pins_reach_the_step_from_their_frame(files):
     portrait = np.random.default_rng(2).integers(0, 256, (S, S, 3), dtype=np.uint8)
     res = render(rec, portrait, audio, files / "t.mp4", timeline, progress=False, guidance=1.0)   # a row per frame
     assert res.frames == 14 and len(rec.conds) == 14
+    from eartalk.data.motion import controls_track
+    from eartalk.runtime.session import IDLE_TRACK_FRAMES
+    track = controls_track(IDLE_TRACK_FRAMES, np.random.default_rng(0), fps=25)     # render's seed 0
     for f, c in enumerate(rec.conds):
         assert ("yaw" in c) == (5 <= f < 10), f                     # t=0.2 s -> frame 5; null frees at 10
         if 5 <= f < 10:
             assert c["yaw"] == pytest.approx(10) and c["pitch"] == 0
         assert c.get("emotion") == ("happy" if f >= 8 else None), f
-        assert c.get("blink") == (1.0 if 8 <= f < 10 else None), f  # t=0.4 s -> frame 10
+        # t=0.4 s -> frame 10 frees the blink; free, it follows the session's idle track (speech too)
+        assert c["blink"] == (1.0 if 8 <= f < 10 else pytest.approx(float(track["blink"][f]), abs=1e-6)), f
 
 
 @pytest.mark.parametrize("doc, message", [

@@ -90,7 +90,7 @@ def test_bad_pcm_raises_closes_and_frees(pcm, match):
 
 def test_controls_validate_and_apply_from_next_frame():
     rec = Recording(new_bundle(CFG, seed=0))
-    s = session(rec, guidance=1)              # the recording sees one step row per frame
+    s = session(rec, guidance=1, idle_motion=False)   # one step row per frame; no idle blinks
     with pytest.raises(ValueError, match="valid controls are .*yaw"):
         s.control(nod=1)
     with pytest.raises(ValueError, match=r"yaw=99 is outside its range \[-30.0, 30.0\]"):
@@ -126,7 +126,7 @@ def test_closed_session_errors_and_close_is_idempotent():
         s.push_audio(np.zeros(4, np.float32))
 
 
-def test_idle_driver_pins_only_free_kinds_and_only_in_silence():
+def test_idle_driver_pins_only_free_kinds_pose_and_gaze_only_in_silence_blinks_always():
     s = session(seed=1)
     s.control(yaw=5)                                   # the user pins pose
     audio = speech(8 * SPF)
@@ -138,7 +138,15 @@ def test_idle_driver_pins_only_free_kinds_and_only_in_silence():
     for t, m in enumerate(masks):
         assert m[pose]                                 # user pin, always
         assert not m[emotion]                          # never driven
-        assert m[gaze] == m[blink] == (t < 4)          # idle track only while silent
+        assert m[gaze] == (t < 4)                      # idle track only while silent
+        assert m[blink]                                # blinks follow the track during speech too
+    s = session(seed=1)
+    s.control(blink=1.0)                               # the user's pin wins, in speech too
+    s.push_audio(speech(3 * SPF))
+    s.flush()
+    for _ in range(3):
+        cond, m = s._state.step_inputs()[1:]
+        assert m[blink] and cond[blink, 5] == 1.0
 
 
 def test_face_stays_alive_in_silence():
