@@ -151,7 +151,7 @@ def accuracy_report(onnx_dir, precision: str, data, out_dir, *, model="tiny", ra
     if first is not None and frames_drift:
         for name, be in (("fp32", fp), (precision, q)):
             drift[name] = _drift(be, probe, first[0], first[1], first[2], frames_drift, seed, progress,
-                                 guidance=guidance)
+                                 guidance=guidance)["free"]
     agreement = float(np.mean(shadow.agree))
     dec_psnr = _mean_psnr(shadow.dec_psnr)
     qinfo = fp.graphs.manifest.get("quantized", {}).get(precision, {})

@@ -209,10 +209,11 @@ def looped_timeline(gt: dict[str, np.ndarray], n_frames: int) -> list[tuple[int,
 
 
 def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool, refine: int = 0,
-           guidance: float | None = None, pinned: bool = False) -> dict:
-    """The identity-drift stream: ``n`` frames of the clip's looped speech, its controls free
-    (``pinned=False``: the model's own motion) or pinned to the looped ground truth (the renders'
-    own motion, so a change in distance is the identity's and not a change in how the face moves)."""
+           guidance: float | None = None, controls: tuple[str, ...] = ("free",)) -> dict[str, dict]:
+    """The identity-drift streams: ``n`` frames of the clip's looped speech, for each of
+    ``controls``: ``"free"`` (the model's own motion) or ``"pinned"`` to the looped ground truth (the
+    renders' own motion, so a change in distance is the identity's and not a change in how the face
+    moves). -> {controls: result}; the ground truth's curve (the ceiling) is probed once for all."""
     from tqdm import tqdm
     cps, ref = drift_checkpoints(n)
     win_ref, win_last = drift_windows(n, len(gt_frames))
@@ -222,24 +223,12 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
     keep = {f - 1 for f in frames_1b}
     spf = backend.cfg.samples_per_frame
     audio = np.resize(clip.audio.astype(np.float32), n * spf)      # the clip's speech, looped
-    timeline = looped_timeline(clip.gt, n) if pinned else ()
-    bar = tqdm(total=n, desc="drift, controls " + ("pinned" if pinned else "free"), unit="frame",
-               disable=not progress, file=sys.stderr)
-    t0 = time.perf_counter()
-    kept = _frames_of(backend, portrait, audio, timeline, seed=seed, keep=keep, on_frame=lambda f: bar.update(),
-                      refine=refine, guidance=guidance)
-    bar.close()
-    secs = time.perf_counter() - t0
+    pick = np.searchsorted(frames_1b, curve_1b)      # the curve's frames among those probed
 
     def curve(images):
         emb = _probe(probe, images)["embedding"].astype(np.float64)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         return 1.0 - emb @ emb[0]
-
-    ours = curve(kept)
-    ceil = curve(gt_frames[[(f - 1) % len(gt_frames) for f in frames_1b]])
-
-    pick = np.searchsorted(frames_1b, curve_1b)      # the curve's frames among those probed
 
     def summary(d):
         at = dict(zip(frames_1b, d.tolist()))
@@ -249,11 +238,27 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
                 "window_mean": {str(ref): m_ref, str(n): m_last},
                 "ratio": m_last / m_ref if m_ref > 0 else math.nan,
                 "ratio_single_frame": at[n] / at[ref] if at[ref] > 0 else math.nan}
-    return {"clip": clip.clip_id, "frames": n, "controls": "pinned" if pinned else "free",
-            "ratio_frames": [n, ref], "fps": n / secs if secs else math.nan,
-            "ratio_windows": [[win_ref[0], win_ref[-1]], [win_last[0], win_last[-1]]],
-            "curve_frames": curve_1b, "curve": ours[pick].tolist(), "ceiling_curve": ceil[pick].tolist(),
-            **summary(ours), "ceiling": summary(ceil)}
+
+    ceil = curve(gt_frames[[(f - 1) % len(gt_frames) for f in frames_1b]])
+    ceiling = summary(ceil)
+    runs = {}
+    for mode in controls:
+        if mode not in ("free", "pinned"):
+            raise ValueError(f"drift controls {mode!r}: expected 'free' or 'pinned'")
+        timeline = looped_timeline(clip.gt, n) if mode == "pinned" else ()
+        bar = tqdm(total=n, desc=f"drift, controls {mode}", unit="frame", disable=not progress, file=sys.stderr)
+        t0 = time.perf_counter()
+        kept = _frames_of(backend, portrait, audio, timeline, seed=seed, keep=keep, on_frame=lambda f: bar.update(),
+                          refine=refine, guidance=guidance)
+        bar.close()
+        secs = time.perf_counter() - t0
+        ours = curve(kept)
+        runs[mode] = {"clip": clip.clip_id, "frames": n, "controls": mode,
+                      "ratio_frames": [n, ref], "fps": n / secs if secs else math.nan,
+                      "ratio_windows": [[win_ref[0], win_ref[-1]], [win_last[0], win_last[-1]]],
+                      "curve_frames": curve_1b, "curve": ours[pick].tolist(), "ceiling_curve": ceil[pick].tolist(),
+                      **summary(ours), "ceiling": ceiling}
+    return runs
 
 
 def _plot_drift(d: dict, path: Path, pinned: dict | None = None) -> None:
@@ -352,9 +357,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                              **_lipsync_metrics(p_free, lab), **_control_metrics(p_pin, lab)})
             if first is None:
                 first = (clip, portrait, gt_frames)
-        drift = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress, refine, guidance)
-        drift_pinned = _drift(backend, probe, first[0], first[1], first[2], frames_drift, seed, progress, refine,
-                              guidance, pinned=True)
+        runs = _drift(backend, probe, *first, frames_drift, seed, progress, refine, guidance, ("free", "pinned"))
+        drift, drift_pinned = runs["free"], runs["pinned"]
     finally:
         if own_backend:
             backend.close()
