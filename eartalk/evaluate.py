@@ -208,6 +208,20 @@ def looped_timeline(gt: dict[str, np.ndarray], n_frames: int) -> list[tuple[int,
     return pinned_timeline({k: np.resize(np.asarray(v), n_frames) for k, v in gt.items()}, n_frames)
 
 
+def looped_audio(audio: np.ndarray, period: int, n_frames: int, samples_per_frame: int) -> np.ndarray:
+    """The clip's speech looped in step with its frames: fitted to exactly ``period`` frames
+    (zero-padded or trimmed at the end), then tiled to ``n_frames``. Why: a clip's audio is rarely a
+    whole number of frames long (clip000005: 262 samples short), and looping the raw samples slid
+    the speech 0.4 frame a loop against the looped ground truth, 21 frames out of step by frame
+    10,000, so the pinned drift stream's mouth and its pinned motion parted as the stream ran."""
+    if period < 1 or samples_per_frame < 1:
+        raise ValueError(f"period ({period}) and samples_per_frame ({samples_per_frame}) must be >= 1")
+    a = np.asarray(audio, np.float32).reshape(-1)
+    one = np.zeros(period * samples_per_frame, np.float32)
+    one[: min(len(a), len(one))] = a[: len(one)]
+    return np.resize(one, n_frames * samples_per_frame)
+
+
 def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool, refine: int = 0,
            guidance: float | None = None, controls: tuple[str, ...] = ("free",)) -> dict[str, dict]:
     """The identity-drift streams: ``n`` frames of the clip's looped speech, for each of
@@ -222,7 +236,7 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
     frames_1b = sorted(set(curve_1b) | set(win_ref) | set(win_last))
     keep = {f - 1 for f in frames_1b}
     spf = backend.cfg.samples_per_frame
-    audio = np.resize(clip.audio.astype(np.float32), n * spf)      # the clip's speech, looped
+    audio = looped_audio(clip.audio, len(gt_frames), n, spf)     # in step with the looped truth
     pick = np.searchsorted(frames_1b, curve_1b)      # the curve's frames among those probed
 
     def curve(images):

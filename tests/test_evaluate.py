@@ -10,8 +10,8 @@ import torch
 
 from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
-from eartalk.evaluate import (drift_checkpoints, drift_windows, looped_timeline, pearson, pinned_timeline, psnr,
-                               ssim)
+from eartalk.evaluate import (drift_checkpoints, drift_windows, looped_audio, looped_timeline, pearson,
+                               pinned_timeline, psnr, ssim)
 from eartalk.model.bundle import new_bundle, save_bundle
 from eartalk.model.config import CONTROLS, EMOTIONS, preset
 
@@ -110,6 +110,20 @@ def test_looped_timeline_pins_frame_t_to_the_truth_of_t_mod_the_clip_length():
     assert looped_timeline(gt, 2) == pinned_timeline(gt, 2)          # shorter than a loop: the truth itself
     with pytest.raises(ValueError, match="no frames"):
         looped_timeline({k: v[:0] for k, v in gt.items()}, 4)
+
+
+def test_looped_audio_keeps_each_loop_on_the_frame_grid():
+    # 2 frames of 3 samples: a clip 1 sample short is padded with silence, one 1 sample long trimmed
+    short = looped_audio(np.array([1, 2, 3, 4, 5], np.float32), 2, 5, 3)
+    assert short.tolist() == [1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    long = looped_audio(np.array([1, 2, 3, 4, 5, 6, 7], np.float32), 2, 3, 3)
+    assert long.tolist() == [1, 2, 3, 4, 5, 6, 1, 2, 3]
+    # loop k starts at frame k * period exactly (a raw np.resize would slide 1 sample a loop)
+    a = np.arange(1, 6, dtype=np.float32)
+    out = looped_audio(a, 2, 40, 3)
+    assert all(out[k * 6] == 1 for k in range(20)) and not all(np.resize(a, 120)[k * 6] == 1 for k in range(20))
+    with pytest.raises(ValueError, match="period"):
+        looped_audio(a, 0, 4, 3)
 
 
 def test_eval_end_to_end(corpus, tmp_path, capsys):
