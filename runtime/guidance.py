@@ -12,7 +12,7 @@ identity) keep their logits. In silence both rows agree and nothing changes. It 
 of its own: silence is the audio every stream starts from, so the model has learnt it
 (Ho & Salimans 2022 guide with a dropped condition; here silence is that condition).
 
-Measured on the shipped ``tiny`` (docs/model-card.md, 8 validation clips): mouth-openness r 0.72 /
+Measured on the shipped ``tiny`` (docs/model-history.md, 8 validation clips): mouth-openness r 0.72 /
 0.78 / 0.77 / 0.76 and viseme accuracy 0.40 / 0.51 / 0.48 / 0.44 at ``s`` = 1 / 1.5 / 2 / 3, while
 PSNR falls (23.2 / 23.1 / 23.0 / 22.7 dB): the default is 1.5. The guided rows cost one more row of the step per
 session (``bench/runtime.py``); the cache page is the speech row's.
@@ -30,7 +30,7 @@ from eartalk.model.audio import SILENCE_LOG_MEL
 
 __all__ = ["DEFAULT_GUIDANCE", "MAX_GUIDANCE", "check_guidance", "resolve_guidance", "guide", "silence_audio"]
 
-DEFAULT_GUIDANCE = 1.5     # measured best of 1, 1.5, 2, 3 on the shipped tiny (docs/model-card.md)
+DEFAULT_GUIDANCE = 1.5     # measured best of 1, 1.5, 2, 3 on the shipped tiny (docs/model-history.md)
 MAX_GUIDANCE = 8.0         # far past any useful scale: a larger one is almost surely a typo
 
 

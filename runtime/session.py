@@ -13,7 +13,7 @@ the kinds the user has *not* pinned -- pose, gaze, blink -- are pinned to a natu
 amplitude, gaze fixations), seeded by the session's seed. During speech pose and gaze are free
 again (speech-driven motion is the model's job), but blinks stay on the track: their timing does
 not follow the speech, so an argmax stream left to itself never blinks while talking (measured:
-no closed-eye frame in 10,000 frames of looped speech, docs/model-card.md). A kind the user pinned
+no closed-eye frame in 10,000 frames of looped speech, docs/model-history.md). A kind the user pinned
 is never touched. Emotion is never driven. ``idle_motion=False`` turns this off.
 """
 from __future__ import annotations

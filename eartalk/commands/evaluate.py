@@ -13,7 +13,8 @@ Per clip, the model gets the clip's portrait and speech through the streaming ru
               (every frame, and the first frame after each open/closed switch), emotion
               recognised by the probe (target >= 90 % of frames)
   free run    controls free -> lip-sync: mouth-openness Pearson r, viseme accuracy
-  drift       the first clip's audio looped to --frames-drift frames: identity-embedding
+  drift       the first clip's audio looped to --frames-drift frames (each loop fitted to the
+              clip's frames, so it stays in step with the looped truth): identity-embedding
               distance from frame 1 at frames 100, 1000, ..., linear-trend slope, ratio
               dist(last)/dist(100) (each the mean over one loop), plot in <report>.drift.png;
               run twice: controls free (the model's own motion) and pinned to the looped
