@@ -218,7 +218,7 @@ def looped_audio(audio: np.ndarray, period: int, n_frames: int, samples_per_fram
         raise ValueError(f"period ({period}) and samples_per_frame ({samples_per_frame}) must be >= 1")
     a = np.asarray(audio, np.float32).reshape(-1)
     one = np.zeros(period * samples_per_frame, np.float32)
-    one[: min(len(a), len(one))] = a[: len(one)]
+    one[: a.size] = a[: one.size]           # slices stop at either end: pads or trims
     return np.resize(one, n_frames * samples_per_frame)
 
 
