@@ -362,3 +362,66 @@ def test_bf16_training_loss_is_close_to_float32_and_quantises_in_float32(cfg):
     assert z.dtype == torch.bfloat16          # the encoder did run in bf16
     with torch.no_grad(), train_autocast(True):   # no autocast without gradients (validation)
         assert tok._encode(x, p).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------- frame codes
+def test_frame_codes_config_round_trip_and_range():
+    old = preset("test").to_dict()
+    assert "frame_codes" not in old           # earlier bundles' configs (no such field) compare equal
+    cfg = preset("test", frame_codes=1)
+    assert cfg.to_dict()["frame_codes"] == 1 and type(cfg).from_dict(cfg.to_dict()) == cfg
+    assert type(cfg).from_dict(old) == preset("test")
+    with pytest.raises(AssertionError, match="frame_codes=4"):
+        preset("test", frame_codes=4)          # the test grid has 4 cells: at most 3 frame codes
+
+
+def test_frame_code_cells_come_from_the_frame_head(cfg):
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", frame_codes=1)).eval()
+    frames, portraits, _ = synthetic_clips(n_ids=1, per_id=3)
+    d = tok.quant.dim
+    with torch.no_grad():
+        tok.frame_head.weight.zero_()
+        tok.frame_head.bias.copy_(torch.tensor([-9.0, 9.0][:d] + [0.0] * max(0, d - 2)))
+    codes = tok.encode(torch.from_numpy(frames), torch.from_numpy(portraits).expand(3, -1, -1, -1))
+    digits = [0, tok.quant.levels[1] - 1][:d] + [round((lv - 1) / 2) for lv in tok.quant.levels[2:]]
+    want = sum(dg * int(b) for dg, b in zip(digits, tok.quant._basis))
+    assert codes[:, -1].tolist() == [want] * 3    # sigmoid(-9) -> digit 0, sigmoid(9) -> top digit
+
+
+def test_decoder_reads_frame_codes_only_through_the_frame_path():
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", frame_codes=1)).eval()
+    _, portraits, _ = synthetic_clips(n_ids=1, per_id=1)
+    ref = tok.reference(torch.from_numpy(portraits))
+    t = torch.tensor([[3, 7, 11, 0]])
+    other = t.clone()
+    other[0, -1] = 13
+    with torch.no_grad():
+        a, b = tok.decode(t, ref), tok.decode(other, ref)
+        assert (a - b).abs().amax() > 1e-4      # the frame code changes the frame
+        for lin in tok.frame_in:                # ...and only through frame_in: its cell's pixels
+            lin.weight.zero_()                  # do not read it as a spatial code
+        assert torch.equal(tok.decode(t, ref), tok.decode(other, ref))
+
+
+def test_emotion_term_is_the_cross_entropy_of_the_frame_codes():
+    from eartalk.model.face_state import STATE_DIM
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", frame_codes=1))
+    frames, portraits, _ = synthetic_clips(n_ids=1, per_id=3)
+    x, p = torch.from_numpy(frames), torch.from_numpy(portraits).expand(3, -1, -1, -1)
+    st = torch.zeros(3, STATE_DIM)
+    k0 = 6                                       # yaw..blink, then the emotion one-hot
+    st[0, k0 + 1], st[1, k0 + 4], st[2] = 0.7, 1.0, float("nan")   # happy, surprised, unknown
+    out = tok.loss(x, p, state=st, state_weight=None, emotion_weight=0.5)
+    with torch.no_grad():
+        q, _ = tok.quant(tok._encode(x, p))
+        logits = tok.frame_emotion(q.flatten(2)[:2, :, -1])
+    ref = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 4]))
+    assert torch.allclose(out["emotion"], ref, atol=1e-6) and "state_fit" not in out
+    out["loss"].backward()
+    assert tok.frame_head.weight.grad.abs().sum() > 0     # it reaches the encoder's frame head
+    with pytest.raises(ValueError, match="frame codes"):
+        train_tokenizer(frames, portraits, preset("test"), steps=1, emotion_weight=0.1,
+                        states=np.zeros((3, STATE_DIM), np.float32), progress=False)

@@ -156,7 +156,8 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     rep = gpt_stage("smoke", corpus, out, progress=False)
     assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])
     bundle = load_bundle(out)                       # hash and config checked
-    assert bundle.cfg == preset("test", refine=True)   # the smoke recipe trains refinement
+    # the smoke recipe trains refinement and a frame code
+    assert bundle.cfg == preset("test", refine=True, frame_codes=1)
     card = json.loads((out / "model.json").read_text())
     assert card["recipe"] == "smoke" and card["training"]["tokenizer"]["val_psnr"] == tok["val_psnr"]
     # a second run resumes from the checkpoint: its step count continues

@@ -35,6 +35,12 @@ class ModelConfig:
     # 2026-12-04: its tokenizer reached only 19.2 dB held-out at step 1,500 (8x8: 22.4).
     token_grid: int = 8
     codebook_size: int = 512       # V
+    # Frame codes: the last k cells of the token grid (row-major: the bottom-right corner, which is
+    # background) carry one code each for the whole frame instead of their 16x16 pixels; the decoder
+    # adds them at every scale. Why: emotion (blush, smile folds, brows, lids) spreads over many
+    # cells, and with 3 FSQ digits per cell the codes never carried it (session 18: an MLP on the
+    # codes named test frames' emotion 38% of the time). 0 = off, as every bundle before 2026-12-05.
+    frame_codes: int = 0
     # audio
     sample_rate: int = 16000
     fps: int = 25
@@ -70,6 +76,8 @@ class ModelConfig:
         assert self.image_size % 16 == 0, "image_size must be a multiple of 16"
         assert self.sample_rate % self.fps == 0
         self.tokens_per_frame = self.token_grid ** 2
+        assert 0 <= self.frame_codes < self.tokens_per_frame, \
+            f"frame_codes={self.frame_codes}: expected 0 .. {self.tokens_per_frame - 1}"
         self.page_tokens = self.cond_tokens + self.audio_tokens + self.tokens_per_frame
         self.cache_tokens = (self.sink_frames + self.window) * self.page_tokens
         self.d_model = self.n_head * self.head_dim
@@ -79,7 +87,11 @@ class ModelConfig:
 
     # ---- serialisation (the derived fields are recomputed, never trusted from disk)
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        for name, default in _LATER_FIELDS.items():   # older bundles' configs stay equal
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -92,6 +104,10 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+
+# Fields added after bundles had shipped, with the value that means "as before": left out of
+# to_dict at that value, so the configs of earlier bundles and exports still compare equal.
+_LATER_FIELDS = {"frame_codes": 0}
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(),

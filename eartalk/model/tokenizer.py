@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from eartalk.model.face_state import STATE_DIM
+from eartalk.model.config import EMOTIONS
+from eartalk.model.face_state import MOUTH_GT, STATE_DIM
 from eartalk.model.precision import resolve_bf16, train_autocast
 
 SUBPIX = 4          # ref and decoder head work at S/4 and unpack 4x4 pixels per cell
@@ -166,6 +167,14 @@ class VQTokenizer(nn.Module):
         self.quant = FSQ(cfg.codebook_size)
         enc += [ResBlock(widths[-1]), _norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], self.quant.dim, 1)]
         self.encoder = nn.Sequential(*enc)
+        # frame codes (cfg.frame_codes = k): the last k cells' latents come from the whole feature
+        # map; the decoder adds them to every scale; in training they name the emotion (loss()).
+        self.k = k = cfg.frame_codes
+        if k:
+            self.frame_head = nn.Linear(widths[-1] * g * g, self.quant.dim * k)
+            self.frame_in = nn.ModuleList(nn.Linear(self.quant.dim * k, widths[self.n_scale - s])
+                                          for s in range(self.n_scale + 1))
+            self.frame_emotion = nn.Linear(self.quant.dim * k, len(EMOTIONS))   # training only
         # training only: the face state (eartalk.model.face_state) -> every cell's bounded latent.
         # It depends on the state alone, not the portrait, so tying the codes to it makes them mean
         # the same motion for every face (see loss(state=...)).
@@ -242,7 +251,8 @@ class VQTokenizer(nn.Module):
 
     def loss(self, images, portrait, grad_weight: float = 0.5, change_weight: float = 1.0,
              pyramid_weight: float = 1.0, pair_weight: float = 0.0, state=None,
-             state_weight: float = 0.0, expr=None, expr_weight: float = 0.0) -> dict:
+             state_weight: float | None = 0.0, expr=None, expr_weight: float = 0.0,
+             emotion_weight: float = 0.0) -> dict:
         """Weighted L1 + L1 of image gradients (edges: lips, eyelids) + L1 of 2x/4x/8x average-pooled
         images (a wide basin for the flow: a misplaced edge still shows at coarse scales).
 
@@ -261,6 +271,13 @@ class VQTokenizer(nn.Module):
         tokens changed per frame, 11% between nearly still frames); the transformer then finds
         copying the previous frame's tokens loss-optimal and never animates. The L1 term lets a
         latent move only where the reconstruction pays for it.
+
+        ``state`` ``[B, STATE_DIM]`` (NaN rows where unknown): with ``state_weight`` not None the
+        state head fits it and the latents are pulled to the head's prediction by ``state_weight``.
+        With frame codes and ``emotion_weight > 0``, a linear head reads the frame's emotion from its
+        quantised frame codes (``emotion`` = cross-entropy, joined to the loss): a training-only
+        signal that keeps the frame codes about the expression, which the pixel loss alone spent
+        elsewhere.
         """
         x = _to_float01(images)
         p = _to_float01(portrait)
@@ -295,11 +312,21 @@ class VQTokenizer(nn.Module):
             b = self.quant._bounded(z)
             out["pair"] = (b[: len(b) // 2] - b[len(b) // 2:]).abs().mean()
             total = total + pair_weight * out["pair"]
-        if state is not None:       # the head fits even while the encoder's pull (weight) is 0
+        st = None
+        if state is not None:
             st = torch.as_tensor(state, dtype=torch.float32)
             if st.shape != (len(x), STATE_DIM):
                 raise ValueError(f"state has shape {tuple(st.shape)}; expected [{len(x)}, {STATE_DIM}]")
             known = ~torch.isnan(st).any(1)
+        if self.k and emotion_weight > 0 and st is not None and known.any():
+            k0 = STATE_DIM - len(EMOTIONS) - len(MOUTH_GT)      # the emotion one-hot's columns
+            target = st[known, k0:k0 + len(EMOTIONS)].argmax(1)
+            logits = self.frame_emotion(self._split_frame_codes(q)[1][known].float())
+            out["emotion"] = F.cross_entropy(logits, target)
+            with torch.no_grad():
+                out["emotion_acc"] = (logits.argmax(1) == target).float().mean()
+            total = total + emotion_weight * out["emotion"]
+        if st is not None and state_weight is not None:   # the head fits even while the pull is 0
             if known.any():
                 b = self.quant._bounded(z)[known]
                 pred = self.predict_latent(st[known])
@@ -346,7 +373,23 @@ class VQTokenizer(nn.Module):
         p = x if portrait is None else self._check_size(_to_float01(portrait))
         if p.shape != x.shape:
             raise ValueError(f"portrait {tuple(p.shape)} must match images {tuple(x.shape)}")
-        return self.encoder(torch.cat([x, p], 1) * 2 - 1)
+        feat = self.encoder[:-1](torch.cat([x, p], 1) * 2 - 1)
+        z = self.encoder[-1](feat)
+        if self.k:      # the last k cells: one latent each for the whole frame
+            B, d, g, _ = z.shape
+            frame = self.frame_head(feat.flatten(1)).view(B, d, self.k)
+            z = torch.cat([z.flatten(2)[:, :, :-self.k], frame], 2).view(B, d, g, g)
+        return z
+
+    def _split_frame_codes(self, q):
+        """Normalised codes ``[B, d, g, g]`` -> (the grid with the frame-code cells at 0, the frame
+        codes ``[B, d * k]``); ``(q, None)`` without frame codes."""
+        if not self.k:
+            return q, None
+        flat = q.flatten(2)
+        frame = flat[:, :, -self.k:]
+        grid = torch.cat([flat[:, :, :-self.k], torch.zeros_like(frame)], 2).view_as(q)
+        return grid, frame.flatten(1)
 
     @staticmethod
     def _warp(x, flow):
@@ -365,7 +408,10 @@ class VQTokenizer(nn.Module):
         if ref.dim() != 4 or tuple(ref.shape[1:]) != exp:
             raise ValueError(f"expected ref [B, {exp[0]}, {exp[1]}, {exp[2]}] from reference(), "
                              f"got {tuple(ref.shape)}")
+        q, frame = self._split_frame_codes(q)
         h = self.dec_in(q)
+        if frame is not None:
+            h = h + self.frame_in[0](frame)[:, :, None, None]
         # coarse cross-attention: each token cell may fetch portrait content from anywhere
         B, _, g, _ = h.shape
         coarse_ref = F.avg_pool2d(ref, 2 ** self.n_scale)
@@ -383,6 +429,8 @@ class VQTokenizer(nn.Module):
         for s in range(self.n_scale + 1):
             h = h + self.fuse[s](torch.cat([F.silu(self.fuse_norm[s](h)), self.ref_proj[s](pyr[s])], 1))
             h = self.refine[s](h)
+            if frame is not None and s:
+                h = h + self.frame_in[s](frame)[:, :, None, None]
             if s < self.n_scale:
                 h = self.up[s](F.silu(h))
         h = F.silu(self.head_norm(h))
@@ -519,7 +567,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     self_every: int = 8, next_frames=None, pair_weight: float = 0.0, states=None,
                     next_states=None, state_weight: float = 0.0,
                     state_ramp: tuple[float, float] = (0.0, 0.0), exprs=None, next_exprs=None,
-                    expr_weight: float = 0.0, bf16: bool | None = None) -> dict:
+                    expr_weight: float = 0.0, emotion_weight: float = 0.0,
+                    bf16: bool | None = None) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -550,6 +599,9 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     (:func:`eartalk.data.expression_map.expression_maps`, zeros where unknown); with
     ``expr_weight > 0`` those pixels weigh more in the loss. Self samples get a zero map.
 
+    ``emotion_weight > 0`` (a tokenizer with ``cfg.frame_codes``; needs ``states``): the frame codes
+    must name each frame's emotion (:meth:`VQTokenizer.loss`); ``emotion_acc`` is reported.
+
     ``bf16``: autocast the encoder and decoder to bfloat16 (quantisation and the loss stay float32;
     validation and the saved weights are float32); default where the CPU has native bf16
     (:func:`eartalk.model.precision.bf16_native`): 1.5x the steps of float32 in the same minutes.
@@ -564,9 +616,12 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             raise ValueError(f"next_frames {tuple(next_frames.shape)} must match frames {tuple(frames.shape)}")
         if batch < 2 or batch % 2:
             raise ValueError(f"pair_weight > 0 needs an even batch >= 2, got {batch}")
-    if state_weight > 0:
-        states, next_states = _per_frame("states", "state_weight", states, next_states, np.float32,
-                                         (M, STATE_DIM), pair_weight > 0)
+    if emotion_weight > 0 and not cfg.frame_codes:
+        raise ValueError("emotion_weight > 0 needs frame codes (cfg.frame_codes > 0) to read the emotion from")
+    use_states = state_weight > 0 or emotion_weight > 0
+    if use_states:
+        states, next_states = _per_frame("states", "state_weight" if state_weight > 0 else "emotion_weight",
+                                         states, next_states, np.float32, (M, STATE_DIM), pair_weight > 0)
     if expr_weight > 0:
         exprs, next_exprs = _per_frame("exprs", "expr_weight", exprs, next_exprs, np.uint8,
                                        (M, *frames.shape[-2:]), pair_weight > 0)
@@ -592,12 +647,12 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             i = torch.randint(0, M, (batch // 2,), generator=gen)
             x = torch.cat([frames[i], next_frames[i]])
             p = portraits[portrait_index[i]].repeat(2, 1, 1, 1)
-            st = torch.cat([states[i], next_states[i]]) if state_weight > 0 else None
+            st = torch.cat([states[i], next_states[i]]) if use_states else None
             ex = torch.cat([exprs[i], next_exprs[i]]) if expr_weight > 0 else None
         else:
             i = torch.randint(0, M, (batch,), generator=gen)
             x, p = frames[i], portraits[portrait_index[i]]
-            st = states[i].clone() if state_weight > 0 else None
+            st = states[i].clone() if use_states else None
             ex = exprs[i].clone() if expr_weight > 0 else None
             # one sample in ``self_every`` is the portrait against itself: the sink frame's own code
             # (the stream's first frame) is never a corpus frame, and untrained it decoded blurred
@@ -612,8 +667,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         ramp = 1.0 if frac >= hi else max(0.0, (frac - lo) / (hi - lo)) if hi > lo else float(frac >= lo)
         with train_autocast(bf16):
             d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
-                         state_weight=state_weight * ramp if state_weight > 0 else 0.0,
-                         expr=ex, expr_weight=expr_weight)
+                         state_weight=state_weight * ramp if state_weight > 0 else None,
+                         expr=ex, expr_weight=expr_weight, emotion_weight=emotion_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
@@ -626,7 +681,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}",
                         val=f"{val_curve[-1][1]:.1f}" if val_curve else "-",
-                        **({"state_acc": f"{rec['state_acc']:.2f}"} if "state_acc" in rec else {}))
+                        **{k: f"{rec[k]:.2f}" for k in ("state_acc", "emotion_acc") if k in rec})
     bar.close()
     tok.eval()
     keys = dict.fromkeys(k for t in tail for k in t)     # a batch without ground truth has no state terms
