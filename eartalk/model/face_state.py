@@ -19,6 +19,7 @@ MOUTH_GT = ("mouth_open", "mouth_width", "round", "teeth", "tongue", "tuck", "pr
 _NUMERIC = tuple(NUMERIC_CONTROLS)
 # yaw, pitch, roll, gaze_x, gaze_y, blink | emotion one-hot x intensity | mouth parameters
 STATE_DIM = len(_NUMERIC) + len(EMOTIONS) + len(MOUTH_GT)
+EMOTION_COLS = slice(len(_NUMERIC), len(_NUMERIC) + len(EMOTIONS))   # the emotion one-hot's columns
 
 
 def face_state(gt: dict | None, n: int) -> np.ndarray:
@@ -39,9 +40,8 @@ def face_state(gt: dict | None, n: int) -> np.ndarray:
     if emo.min() < 0 or emo.max() >= len(EMOTIONS):
         raise ValueError(f"gt['emotion'] holds {sorted(set(emo.tolist()))}; expected indices 0..{len(EMOTIONS) - 1}")
     inten = np.asarray(gt.get("emotion_intensity", np.ones(n)), np.float32)[:n]
-    k = len(_NUMERIC)
-    out[:, k:k + len(EMOTIONS)] = 0.0
-    out[np.arange(n), k + emo] = inten
+    out[:, EMOTION_COLS] = 0.0
+    out[np.arange(n), EMOTION_COLS.start + emo] = inten
     for j, name in enumerate(MOUTH_GT):
-        out[:, k + len(EMOTIONS) + j] = np.asarray(gt[name], np.float32)[:n]
+        out[:, EMOTION_COLS.stop + j] = np.asarray(gt[name], np.float32)[:n]
     return out

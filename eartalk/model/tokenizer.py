@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eartalk.model.config import EMOTIONS
-from eartalk.model.face_state import MOUTH_GT, STATE_DIM
+from eartalk.model.face_state import EMOTION_COLS, STATE_DIM
 from eartalk.model.precision import resolve_bf16, train_autocast
 
 SUBPIX = 4          # ref and decoder head work at S/4 and unpack 4x4 pixels per cell
@@ -319,8 +319,7 @@ class VQTokenizer(nn.Module):
                 raise ValueError(f"state has shape {tuple(st.shape)}; expected [{len(x)}, {STATE_DIM}]")
             known = ~torch.isnan(st).any(1)
         if self.k and emotion_weight > 0 and st is not None and known.any():
-            k0 = STATE_DIM - len(EMOTIONS) - len(MOUTH_GT)      # the emotion one-hot's columns
-            target = st[known, k0:k0 + len(EMOTIONS)].argmax(1)
+            target = st[known, EMOTION_COLS].argmax(1)
             logits = self.frame_emotion(self._split_frame_codes(q)[1][known].float())
             out["emotion"] = F.cross_entropy(logits, target)
             with torch.no_grad():
