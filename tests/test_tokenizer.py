@@ -381,8 +381,8 @@ def test_frame_code_cells_come_from_the_frame_head(cfg):
     frames, portraits, _ = synthetic_clips(n_ids=1, per_id=3)
     d = tok.quant.dim
     with torch.no_grad():
-        tok.frame_head.weight.zero_()
-        tok.frame_head.bias.copy_(torch.tensor([-9.0, 9.0][:d] + [0.0] * max(0, d - 2)))
+        tok.frame_head[-1].weight.zero_()
+        tok.frame_head[-1].bias.copy_(torch.tensor([-9.0, 9.0][:d] + [0.0] * max(0, d - 2)))
     codes = tok.encode(torch.from_numpy(frames), torch.from_numpy(portraits).expand(3, -1, -1, -1))
     digits = [0, tok.quant.levels[1] - 1][:d] + [round((lv - 1) / 2) for lv in tok.quant.levels[2:]]
     want = sum(dg * int(b) for dg, b in zip(digits, tok.quant._basis))
@@ -421,7 +421,7 @@ def test_emotion_term_is_the_cross_entropy_of_the_frame_codes():
     ref = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 4]))
     assert torch.allclose(out["emotion"], ref, atol=1e-6) and "state_fit" not in out
     out["loss"].backward()
-    assert tok.frame_head.weight.grad.abs().sum() > 0     # it reaches the encoder's frame head
+    assert tok.frame_head[0].weight.grad.abs().sum() > 0     # it reaches the encoder's frame head
     with pytest.raises(ValueError, match="frame codes"):
         train_tokenizer(frames, portraits, preset("test"), steps=1, emotion_weight=0.1,
                         states=np.zeros((3, STATE_DIM), np.float32), progress=False)

@@ -146,7 +146,7 @@ class VQTokenizer(nn.Module):
     """
 
     def __init__(self, cfg, width: int = 32, ref_channels: int = 32, max_width: int = 128,
-                 attn_dim: int = 64, state_hidden: int = 256):
+                 attn_dim: int = 64, state_hidden: int = 256, frame_hidden: int = 256):
         super().__init__()
         S, g = cfg.image_size, cfg.token_grid
         f = S // g
@@ -171,7 +171,12 @@ class VQTokenizer(nn.Module):
         # map; the decoder adds them to every scale; in training they name the emotion (loss()).
         self.k = k = cfg.frame_codes
         if k:
-            self.frame_head = nn.Linear(widths[-1] * g * g, self.quant.dim * k)
+            # a normalised bottleneck: a plain linear over all g*g*width features saturated FSQ's
+            # sigmoid within a few hundred Adam steps (fan-in 8,192: every weight moves at once),
+            # leaving every frame the same code; the grid's own head is a 1x1 conv after a norm.
+            self.frame_head = nn.Sequential(nn.Linear(widths[-1] * g * g, frame_hidden),
+                                            nn.LayerNorm(frame_hidden), nn.SiLU(),
+                                            nn.Linear(frame_hidden, self.quant.dim * k))
             self.frame_in = nn.ModuleList(nn.Linear(self.quant.dim * k, widths[self.n_scale - s])
                                           for s in range(self.n_scale + 1))
             self.frame_emotion = nn.Linear(self.quant.dim * k, len(EMOTIONS))   # training only
