@@ -40,10 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from eartalk.frame_sheet import save_frame_sheet
+
 __all__ = ["psnr", "ssim", "pearson", "pinned_timeline", "evaluate", "format_table", "drift_checkpoints", "drift_windows"]
 
 PINNED = ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion")
 EMOTION_TARGET = 0.90
+SHEET_CLIPS = 4          # rows of the frame sheet (<report>.frames.png)
 DRIFT_SAMPLES = 100          # evenly spaced frames (plus checkpoints) probed for the drift curve
 
 
@@ -338,6 +341,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     tokenizer = getattr(getattr(backend, "bundle", None), "tokenizer", None)
     recon, r_psnrs, r_ssims = [], [], []
     first = None
+    sheet_rows, sheet_at = [], []          # the middle frame of the first clips, to look at
     try:
         for cid in tqdm(ids, desc=f"eval {split}", unit="clip", disable=not progress, file=sys.stderr):
             clip = load_clip(data, cid)
@@ -360,6 +364,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
             lab["first"] = (np.arange(m) == 0).astype(np.int64)
             p_pin, p_free, p_gt = _probe(probe, gen_pinned[:m]), _probe(probe, gen_free[:m]), _probe(probe, gt_frames[:m])
             pinned.append(p_pin), free.append(p_free), truth.append(p_gt), labels.append(lab)
+            rec = None
             if tokenizer is not None:
                 rec = _reconstruct(tokenizer, gt_frames[:m], portrait)
                 recon.append(_probe(probe, rec))
@@ -371,6 +376,10 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                              **_lipsync_metrics(p_free, lab), **_control_metrics(p_pin, lab)})
             if first is None:
                 first = (clip, portrait, gt_frames)
+            if len(sheet_rows) < SHEET_CLIPS and m:
+                t = m // 2
+                sheet_rows.append([portrait, gt_frames[t], gen_pinned[t], gen_free[t]] + ([rec[t]] if rec is not None else []))
+                sheet_at.append({"clip": cid, "frame": t})
         runs = _drift(backend, probe, *first, frames_drift, seed, progress, refine, guidance, ("free", "pinned"))
         drift, drift_pinned = runs["free"], runs["pinned"]
     finally:
@@ -399,6 +408,11 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     plot = out.with_name(out.stem + ".drift.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot_drift(drift, plot, drift_pinned)
+    sheet = out.with_name(out.stem + ".frames.png")
+    columns = ["portrait", "ground truth", "controls pinned", "controls free", "tokenizer"][:len(sheet_rows[0])]
+    save_frame_sheet(sheet, sheet_rows, columns, [f"{a['clip']}\nframe {a['frame']}" for a in sheet_at],
+                     title=f"{model}, {split} split: each clip's middle frame" +
+                     (" (tokenizer: the truth encoded and decoded)" if tokenizer is not None else ""))
     info = getattr(getattr(backend, "bundle", None), "meta", {}) or {}
     report = {
         "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
@@ -407,6 +421,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,
+        "frames_sheet": {"plot": str(sheet), "columns": columns,
+                         "rows": sheet_at},
         "drift": {**drift, "plot": str(plot)}, "drift_pinned": {**drift_pinned, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
         "notes": ["ceiling = the same probe on the ground-truth renders (psnr/ssim of the renders with "
                   "themselves: inf / 1); control metrics from the pinned run, lip-sync from the free run",

@@ -148,6 +148,11 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     drift = rep["drift"]
     assert drift["frames"] == 40 and set(drift["distance_at"]) == {"4", "40"} and drift["ratio_frames"] == [40, 4]
     assert (tmp_path / "ev" / "report.drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sheet = rep["frames_sheet"]        # the middle frame of the first clips, to look at
+    assert sheet["plot"] == str(tmp_path / "ev" / "report.frames.png") and "report.frames.png" in printed
+    assert (tmp_path / "ev" / "report.frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sheet["columns"] == ["portrait", "ground truth", "controls pinned", "controls free", "tokenizer"]
+    assert sheet["rows"] == [{"clip": c["clip"], "frame": c["frames"] // 2} for c in rep["per_clip"][:4]]
     assert drift["curve_frames"][0] == 1 and drift["curve"][0] == pytest.approx(0, abs=1e-6)
     first = load_clip(d, ids[0], frames=False)
     a, b = drift_windows(40, len(first.gt["viseme"]))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from eartalk.data.corpus import list_clips
 from eartalk.model.bundle import load_bundle, new_bundle
@@ -152,6 +153,8 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     tok = tokenizer_stage("smoke", corpus, out, progress=False)
     assert np.isfinite(tok["val_psnr"]) and tok["val_frames"] > 0
     assert (out / "work/tokenizer_curves.png").exists()
+    assert tok["samples"] == str(out / "work/tokenizer_samples.png")
+    assert Image.open(tok["samples"]).format == "PNG"
     assert json.loads((out / "work/tokenizer_report.json").read_text())["val_psnr"] == tok["val_psnr"]
     rep = gpt_stage("smoke", corpus, out, progress=False)
     assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])

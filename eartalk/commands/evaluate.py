@@ -22,7 +22,9 @@ Per clip, the model gets the clip's portrait and speech through the streaming ru
 The same metrics of the probe on the ground-truth renders are the ceiling, printed beside the
 model's and stored under "ceiling" in the report. With the torch backend, the same metrics on the
 ground truth encoded and decoded by the model's own tokenizer are printed too ("tokenizer", stored
-under "tokenizer_ceiling"): what a perfect transformer would score with this tokenizer. Drift costs 2 x frames-drift / fps seconds
+under "tokenizer_ceiling"): what a perfect transformer would score with this tokenizer.
+<report>.frames.png shows the middle frame of the first 4 clips to look at: portrait, ground truth,
+controls pinned, controls free (and the tokenizer's reconstruction of the truth). Drift costs 2 x frames-drift / fps seconds
 (10,000 frames at ~20 fps: ~16 minutes on tiny).
 
 --backend onnxruntime --onnx-dir DIR [--precision int8] evaluates the exported (or quantized)
@@ -38,7 +40,7 @@ def add_arguments(p):
     add_model_options(p)
     p.add_argument("--data", required=True, type=Path, help="corpus directory made by `eartalk synth`")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--out", required=True, type=Path, help="report .json (the drift plot goes beside it)")
+    p.add_argument("--out", required=True, type=Path, help="report .json (the drift plot and the frame sheet go beside it)")
     p.add_argument("--frames-drift", type=int, default=10000, help="frames of the drift run (default 10000)")
     p.add_argument("--max-clips", type=int, default=None, help="evaluate only the first K clips of the split")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -61,5 +63,5 @@ def run(args) -> int:
         if backend is not None:
             backend.close()
     print(format_table(rep))
-    print(f"wrote {args.out} and {rep['drift']['plot']} in {rep['seconds']:.0f} s")
+    print(f"wrote {args.out}, {rep['drift']['plot']} and {rep['frames_sheet']['plot']} in {rep['seconds']:.0f} s")
     return 0

@@ -20,7 +20,8 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
   eartalk train tokenizer --recipe tiny --data data/corpus --out runs/tiny
   eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny
       the recipe's two stages one at a time: the tokenizer (OUT/work/tokenizer.safetensors, its
-      held-out PSNR in OUT/work/tokenizer_report.json, curves in tokenizer_curves.png), then the
+      held-out PSNR in OUT/work/tokenizer_report.json, curves in tokenizer_curves.png, held-out
+      frames beside their reconstructions in tokenizer_samples.png), then the
       audio encoder + transformer on the frozen tokenizer (resumes from OUT/work/gpt_ckpt.pt)."""
 
 

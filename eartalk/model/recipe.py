@@ -108,6 +108,23 @@ def _expr_maps(clip, at: np.ndarray, size: int) -> np.ndarray:
     return fit_size(np.repeat(m[..., None], 3, -1), size)[..., 0]
 
 
+def _tokenizer_sheet(tok, v: dict, path: Path, n: int = 6) -> Path:
+    """``n`` held-out frames spread over ``v`` (``_tokenizer_data``): portrait, frame, the
+    tokenizer's reconstruction and its error, one row each (:mod:`eartalk.frame_sheet`)."""
+    import torch
+
+    from eartalk.frame_sheet import error_frame, save_frame_sheet
+    from eartalk.runtime.backend import to_uint8_frames
+    at = np.unique(np.linspace(0, len(v["frames"]) - 1, n).round().astype(int))
+    x, p = torch.from_numpy(v["frames"][at]), torch.from_numpy(v["portraits"][v["index"][at]])
+    with torch.no_grad():
+        rec = to_uint8_frames(tok.decode(tok.encode(x, p), tok.reference(p)).numpy())
+    hwc = lambda a: np.ascontiguousarray(np.moveaxis(a.numpy(), 0, -1))   # noqa: E731
+    rows = [[hwc(p[i]), hwc(x[i]), rec[i], error_frame(hwc(x[i]), rec[i])] for i in range(len(at))]
+    return save_frame_sheet(path, rows, ["portrait", "frame", "reconstruction", "|error| x 4"],
+                            [f"val frame {i}" for i in at], title="tokenizer on held-out frames")
+
+
 def _recipe(name: str) -> dict:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
@@ -139,6 +156,8 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     if v and r["tok_state"] > 0:
         m["val_state_acc"] = state_token_accuracy(tok, v["frames"], v["portraits"], v["index"], v["states"])
     m.update(frames=int(len(d["frames"])), val_frames=int(len(v["frames"])) if v else 0)
+    if v:
+        m["samples"] = str(_tokenizer_sheet(tok, v, work / "tokenizer_samples.png"))
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     return m
 
