@@ -425,3 +425,48 @@ def test_emotion_term_is_the_cross_entropy_of_the_frame_codes():
     with pytest.raises(ValueError, match="frame codes"):
         train_tokenizer(frames, portraits, preset("test"), steps=1, emotion_weight=0.1,
                         states=np.zeros((3, STATE_DIM), np.float32), progress=False)
+
+
+def test_warp_config_round_trip():
+    old = preset("test").to_dict()
+    assert "warp" not in old                  # earlier bundles' configs (no such field) compare equal
+    cfg = preset("test", warp=False)
+    assert cfg.to_dict()["warp"] is False and type(cfg).from_dict(cfg.to_dict()) == cfg
+    assert type(cfg).from_dict(old).warp is True
+
+
+@pytest.mark.parametrize("warp", [True, False])
+def test_a_decoder_that_keeps_the_portrait_returns_it_unwarped_at_init(warp):
+    """Mask forced to the portrait: without the warp the output is the portrait exactly, whatever the
+    tokens; with it, the zero-initialised flows sample the portrait at its own pixel centres."""
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", warp=warp)).eval()
+    assert hasattr(tok, "coarse_flow") == warp and hasattr(tok, "fine_flow") == warp
+    _, portraits, _ = synthetic_clips(n_ids=1, per_id=1)
+    p = torch.from_numpy(portraits).float() / 255
+    with torch.no_grad():
+        mask = tok.head.weight.view(4, -1, tok.head.weight.shape[1])[3]      # the blend mask's 16 rows
+        mask.zero_()
+        tok.head.bias.view(4, -1)[3].fill_(30.0)                               # sigmoid(30) == 1 in float32
+        ref = tok.reference(p)
+        for t in ([[3, 7, 11, 0]], [[15, 0, 2, 9]]):
+            y = tok.decode(torch.tensor(t), ref)
+            if warp:
+                torch.testing.assert_close(y, p, atol=1e-6, rtol=0)
+            else:
+                assert torch.equal(y, p)
+
+
+def test_a_decoder_without_the_warp_exports_without_grid_sample(tmp_path):
+    import onnx
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", warp=False)).eval()
+    S = tok.S
+    x = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        toks, ref = tok.encode(x), tok.reference(x)
+        want = tok.decode(toks, ref)
+    dec = _export(TokenizerDecode(tok), (toks, ref), tmp_path / "dec.onnx", ["tokens", "ref"], ["images"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dec.onnx")).graph.node}
+    assert "GridSample" not in ops and "Conv" in ops
+    np.testing.assert_allclose(dec.run(None, {"tokens": toks.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)

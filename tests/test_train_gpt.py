@@ -159,8 +159,9 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     rep = gpt_stage("smoke", corpus, out, progress=False)
     assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])
     bundle = load_bundle(out)                       # hash and config checked
-    # the smoke recipe trains refinement and a frame code
-    assert bundle.cfg == preset("test", refine=True, frame_codes=1)
+    # the smoke recipe trains refinement, a frame code and a decoder without the warp
+    assert bundle.cfg == preset("test", refine=True, frame_codes=1, warp=False)
+    assert not hasattr(bundle.tokenizer, "coarse_flow") and not hasattr(bundle.tokenizer, "fine_flow")
     card = json.loads((out / "model.json").read_text())
     assert card["recipe"] == "smoke" and card["training"]["tokenizer"]["val_psnr"] == tok["val_psnr"]
     # a second run resumes from the checkpoint: its step count continues

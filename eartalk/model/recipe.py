@@ -49,14 +49,15 @@ RECIPES = {
     # frame_codes: token cells given to whole-frame codes (ModelConfig.frame_codes; 0: none).
     # tok_emotion: weight of the frame codes naming the frame's emotion (VQTokenizer.loss
     # emotion_weight; needs frame_codes > 0).
+    # warp: the tokenizer's decoder warps the portrait by a learned flow (ModelConfig.warp).
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0,
-                 frame_codes=0, tok_emotion=0.0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
+                 frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
-                  frame_codes=1, tok_emotion=0.05, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
+                  frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, max_clips=4, val_clips=4),
 }
 
@@ -135,7 +136,7 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     """Stage 1 (``eartalk train tokenizer``): train the tokenizer on the train split, measure its
     held-out PSNR on the validation split; writes ``out/work/tokenizer.safetensors`` and curves."""
     r = _recipe(name)
-    cfg = preset(r["preset"], frame_codes=r["frame_codes"])
+    cfg = preset(r["preset"], frame_codes=r["frame_codes"], warp=r["warp"])
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
@@ -167,7 +168,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     train the audio encoder and the transformer (resumable from ``out/work/gpt_ckpt.pt``); then
     write the bundle ``out/model.safetensors`` + ``out/model.json``."""
     r = _recipe(name)
-    cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"])
+    cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"])
     out = Path(out)
     work = out / "work"
     tok_path = work / "tokenizer.safetensors"

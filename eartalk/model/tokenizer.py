@@ -135,11 +135,13 @@ class VQTokenizer(nn.Module):
     the identity: the transformer then predicts motion codes that mean the same for every face.
     The portrait's own tokens (the sink frame) are ``encode(portrait)`` against itself.
 
-    The decoder warps the portrait: a coarse flow at the token grid aligns the portrait's features
-    before they are fused at each scale, a fine flow at S/4 (bilinearly upsampled) warps the portrait
-    pixels, and a per-pixel mask blends the warped portrait with generated colour (mouth interior,
-    eyelids, disocclusions). Head motion is therefore a displacement to predict, not an image to
-    paint; a conv decoder without the warp stayed below 21 dB PSNR.
+    The decoder warps the portrait (``cfg.warp``): a coarse flow at the token grid aligns the
+    portrait's features before they are fused at each scale, a fine flow at S/4 (bilinearly
+    upsampled) warps the portrait pixels, and a per-pixel mask blends the warped portrait with
+    generated colour (mouth interior, eyelids, disocclusions). With ``cfg.warp`` False the portrait
+    is fused and blended unwarped, so head motion is painted by the decoder like everything else:
+    measured better per step on the corpus (config.ModelConfig.warp); an earlier conv decoder
+    without the portrait's features at every scale had stayed below 21 dB PSNR.
 
     Public API: :meth:`encode`, :meth:`reference`, :meth:`decode`, :meth:`forward`, :meth:`loss`,
     :meth:`codebook_usage`. Images are RGB ``[B, 3, S, S]``, float in [0, 1] or uint8.
@@ -200,7 +202,9 @@ class VQTokenizer(nn.Module):
         self.attn_kv = nn.Conv2d(ref_in, 2 * attn_dim, 1)
         self.attn_out = nn.Conv2d(attn_dim, top, 1)
         self.dec_top = ResBlock(top)
-        self.coarse_flow = nn.Conv2d(top, 2, 3, padding=1)
+        self.warp = cfg.warp
+        if self.warp:
+            self.coarse_flow = nn.Conv2d(top, 2, 3, padding=1)
         # scale s = 0 is the token grid, s = n_scale is S/4 (same order as the pyramid below)
         self.ref_proj = nn.ModuleList(nn.Conv2d(ref_in, widths[self.n_scale - s] // 2, 1)
                                       for s in range(self.n_scale + 1))
@@ -217,10 +221,11 @@ class VQTokenizer(nn.Module):
                                              nn.PixelShuffle(2)))
         # heads at S/4: fine flow (2) and, per cell, 16 sub-pixels x (RGB + blend mask)
         self.head_norm = _norm(widths[0])
-        self.fine_flow = nn.Conv2d(widths[0], 2, 3, padding=1)
+        if self.warp:
+            self.fine_flow = nn.Conv2d(widths[0], 2, 3, padding=1)
         self.head = nn.Conv2d(widths[0], SUBPIX * SUBPIX * 4, 1)
         with torch.no_grad():  # start as the unwarped portrait (mask ~0.95): learn only departures
-            for conv in (self.coarse_flow, self.fine_flow):
+            for conv in (self.coarse_flow, self.fine_flow) if self.warp else ():
                 conv.weight.zero_()
                 conv.bias.zero_()
             self.head.bias.view(4, SUBPIX * SUBPIX)[3].fill_(3.0)
@@ -424,10 +429,9 @@ class VQTokenizer(nn.Module):
         att = torch.softmax(qa.transpose(1, 2) @ k / math.sqrt(qa.shape[1]), dim=-1)
         h = h + self.attn_out((v @ att.transpose(1, 2)).reshape(B, -1, g, g))
         h = self.dec_top(h)
-        flow = self.coarse_flow(h)
-        # reference pyramid aligned to this frame by the coarse flow; s = 0 is the token grid
-        warped = self._warp(ref, flow)
-        pyr = [warped]
+        # reference pyramid (aligned to this frame by the coarse flow when warping); s = 0 is the token grid
+        flow = self.coarse_flow(h) if self.warp else None
+        pyr = [self._warp(ref, flow) if self.warp else ref]
         for _ in range(self.n_scale):
             pyr.insert(0, F.avg_pool2d(pyr[0], 2))
         for s in range(self.n_scale + 1):
@@ -438,10 +442,12 @@ class VQTokenizer(nn.Module):
             if s < self.n_scale:
                 h = self.up[s](F.silu(h))
         h = F.silu(self.head_norm(h))
-        flow = F.interpolate(flow, size=h.shape[-2:], mode="bilinear", align_corners=False) + self.fine_flow(h)
         out = F.pixel_shuffle(self.head(h), SUBPIX)                    # [B, 4, S, S]
         rgb, mask = torch.sigmoid(out[:, :3]), torch.sigmoid(out[:, 3:])
-        portrait = self._warp(F.pixel_shuffle(ref[:, self.ref_channels:], SUBPIX), flow)
+        portrait = F.pixel_shuffle(ref[:, self.ref_channels:], SUBPIX)
+        if self.warp:
+            flow = F.interpolate(flow, size=h.shape[-2:], mode="bilinear", align_corners=False) + self.fine_flow(h)
+            portrait = self._warp(portrait, flow)
         return mask * portrait + (1 - mask) * rgb
 
     # ------------------------------------------------------------------ persistence
