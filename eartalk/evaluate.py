@@ -168,7 +168,7 @@ def _reconstruct(tokenizer, frames: np.ndarray, portrait: np.ndarray, batch: int
         for i in range(0, len(frames), batch):
             x = chw(frames[i:i + batch])
             pp = p.expand(len(x), -1, -1, -1)
-            out.append(to_uint8_frames(tokenizer.decode(tokenizer.encode(x, pp), tokenizer.reference(pp)).numpy()))
+            out.append(to_uint8_frames(tokenizer.reconstruct(x, pp).numpy()))
     return np.concatenate(out) if out else np.zeros_like(frames)
 
 

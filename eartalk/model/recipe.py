@@ -119,7 +119,7 @@ def _tokenizer_sheet(tok, v: dict, path: Path, n: int = 6) -> Path:
     at = np.unique(np.linspace(0, len(v["frames"]) - 1, n).round().astype(int))
     x, p = torch.from_numpy(v["frames"][at]), torch.from_numpy(v["portraits"][v["index"][at]])
     with torch.no_grad():
-        rec = to_uint8_frames(tok.decode(tok.encode(x, p), tok.reference(p)).numpy())
+        rec = to_uint8_frames(tok.reconstruct(x, p).numpy())
     hwc = lambda a: np.ascontiguousarray(np.moveaxis(a.numpy(), 0, -1))   # noqa: E731
     rows = [[hwc(p[i]), hwc(x[i]), rec[i], error_frame(hwc(x[i]), rec[i])] for i in range(len(at))]
     return save_frame_sheet(path, rows, ["portrait", "frame", "reconstruction", "|error| x 4"],

@@ -254,6 +254,11 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"expected tokens [B, {self.tokens_per_frame}], got {tuple(tokens.shape)}")
         return self._decode(self.quant.lookup(tokens, self.g), ref)
 
+    def reconstruct(self, images, portrait) -> torch.Tensor:
+        """images ``[B, 3, S, S]`` through the code book against ``portrait`` (same shape) ->
+        float ``[B, 3, S, S]`` in [0, 1]: what the GPT's best tokens could show at best."""
+        return self.decode(self.encode(images, portrait), self.reference(portrait))
+
     def forward(self, images, portrait):
         """Training pass -> ``(recon [B,3,S,S], tokens [B,N])``."""
         q, idx = self.quant(self._encode(images, portrait))
@@ -529,7 +534,7 @@ def reconstruction_psnr(tok: VQTokenizer, frames, portraits, portrait_index=None
     for i in range(0, len(frames), batch):
         x = _to_float01(frames[i:i + batch])
         p = _to_float01(portraits[index[i:i + batch]])
-        y = tok.decode(tok.encode(x, p), tok.reference(p))
+        y = tok.reconstruct(x, p)
         se += float(((y - x) ** 2).sum())
         n += x.numel()
     tok.train(was)
