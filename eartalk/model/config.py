@@ -46,8 +46,8 @@ class ModelConfig:
     # features and pixels are fused unwarped and the decoder paints every departure itself. Why:
     # session 23 (2026-12-05), 1,500 equal steps on the full corpus, probe on 10 test clips'
     # reconstructions: without the warp 23.46 dB held-out against 22.67, visemes 0.28 against
-    # 0.11, emotion 50% against 19%, and 10% less time a step (docs/model-history.md). Every
-    # bundle before then warps (True).
+    # 0.11, emotion 50% against 19%, and 10% less time a step (docs/model-history.md). But the
+    # whole tiny recipe without it (session 24) made a worse model, so every bundle warps (True).
     warp: bool = True
     # audio
     sample_rate: int = 16000

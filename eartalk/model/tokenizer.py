@@ -143,8 +143,8 @@ class VQTokenizer(nn.Module):
     measured better per step on the corpus (config.ModelConfig.warp); an earlier conv decoder
     without the portrait's features at every scale had stayed below 21 dB PSNR.
 
-    Public API: :meth:`encode`, :meth:`reference`, :meth:`decode`, :meth:`forward`, :meth:`loss`,
-    :meth:`codebook_usage`. Images are RGB ``[B, 3, S, S]``, float in [0, 1] or uint8.
+    Public API: :meth:`encode`, :meth:`reference`, :meth:`decode`, :meth:`reconstruct`,
+    :meth:`forward`, :meth:`loss`, :meth:`codebook_usage`. Images are RGB ``[B, 3, S, S]``, float in [0, 1] or uint8.
     """
 
     def __init__(self, cfg, width: int = 32, ref_channels: int = 32, max_width: int = 128,
