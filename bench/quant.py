@@ -71,7 +71,7 @@ def _profile(onnx_dir, bundle, feeds, tokens, ref, precision, frames) -> dict:
     be = OrtBackend.from_bundle(onnx_dir, bundle, precision=precision, profile_prefix=prefix)
     for i in range(frames):
         be.step(*feeds[i])
-        be.decode_float(tokens[i][None], ref)
+        be.decode_float(be.codes_of(tokens[i][None]), ref)
     files = be.end_profiling()
     per_graph = {}
     for kind in ("step", "tokenizer_decode"):
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 logits, _, _ = be.step(*feeds[i])
                 t1 = time.perf_counter()
-                img = be.decode_float(tokens[i][None], ref)
+                img = be.decode_float(be.codes_of(tokens[i][None]), ref)
                 t2 = time.perf_counter()
                 if not warm:
                     times[f"{prec}_step"].append(t1 - t0)

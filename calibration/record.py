@@ -19,7 +19,7 @@ Coverage, by construction:
 Output folder::
 
     step.npz              prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag
-    tokenizer_decode.npz  tokens, ref
+    tokenizer_decode.npz  codes, ref (what the decoder read: the expected codes of runtime/soft_decode.py)
     card.json, card.md    counts, positions, pinned/free and speech/silence shares, model hash/config
 
 Arrays are keyed by the ONNX input names and concatenated along each input's batch axis (axis 1
@@ -43,10 +43,10 @@ __all__ = ["STEP_INPUTS", "DECODER_INPUTS", "GRAPH_INPUTS", "batch_axis", "recor
            "CalibrationSet", "CalibrationDataError", "CARD_FORMAT"]
 
 STEP_INPUTS = ("prev_tokens", "audio", "cond", "cond_mask", "past_k", "past_v", "past_lag")
-DECODER_INPUTS = ("tokens", "ref")
+DECODER_INPUTS = ("codes", "ref")
 GRAPH_INPUTS = {"step": STEP_INPUTS, "tokenizer_decode": DECODER_INPUTS}
 CARD, CARD_MD = "card.json", "card.md"
-CARD_FORMAT = 1
+CARD_FORMAT = 2   # 2: the decoder's inputs are codes float32 [B,N,d], not tokens (2026-12-06)
 
 
 class CalibrationDataError(ValueError):
@@ -94,11 +94,11 @@ class _Recorder(Backend):
             self.step_rec.append({n: np.array(a) for n, a in zip(STEP_INPUTS, args)})
         return self.inner.step(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
 
-    def decode_float(self, tokens, ref):
+    def decode_float(self, codes, ref):
         if self.frame in self.keep:
-            self.dec_rec.append({"tokens": np.array(tokens, np.int64), "ref": np.array(ref, np.float32)})
+            self.dec_rec.append({"codes": np.array(codes, np.float32), "ref": np.array(ref, np.float32)})
         self.frame += 1      # one decode per step in a one-session engine: the frame counter
-        return self.inner.decode_float(tokens, ref)
+        return self.inner.decode_float(codes, ref)
 
 
 def _positions(n: int, budget: int, window: int) -> list[int]:
@@ -280,7 +280,8 @@ def load_calibration(calib_dir, kind: str, *, expect_weights: str | None = None,
         raise CalibrationDataError(f"{d}: no {CARD}; is it the output of `eartalk calibrate record`?")
     card = json.loads(card_path.read_text())
     if card.get("format") != CARD_FORMAT:
-        raise CalibrationDataError(f"{card_path}: format {card.get('format')!r}, this eartalk reads {CARD_FORMAT}")
+        raise CalibrationDataError(f"{card_path}: format {card.get('format')!r}, this eartalk reads {CARD_FORMAT}; "
+                                   f"record it again with `eartalk calibrate record`")
     if expect_weights is not None and card["weights_sha256"] != expect_weights:
         raise CalibrationDataError(
             f"{d}: recorded from weights {card['weights_sha256'][:16]}... but the ONNX graphs come from "

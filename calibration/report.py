@@ -6,7 +6,7 @@ What is measured, and on which inputs:
 - **token agreement (same inputs)**: the fp32 stream runs; at every frame the quantized step graph
   gets exactly the fp32 step's inputs (same KV cache, audio, controls) and its argmax tokens are
   compared with fp32's. Also the K/V relative error and the logits SQNR on those inputs.
-- **decoder PSNR (same tokens)**: the quantized decoder decodes the fp32 tokens; PSNR of its uint8
+- **decoder PSNR (same codes)**: the quantized decoder decodes the fp32 stream's codes; PSNR of its uint8
   frames against fp32's.
 - **stream PSNR (free-running)**: the quantized graphs run a stream on their own (their tokens
   feed their own cache); PSNR of its frames against the fp32 stream's. Reported, not gated: the
@@ -75,10 +75,10 @@ class _Shadow(Backend):
         self.logit_sqnr.append(sqnr_db(lr, lq))
         return lr, kr, vr
 
-    def decode_float(self, tokens, ref):
+    def decode_float(self, codes, ref):
         from eartalk.evaluate import psnr
-        a = self.ref.decode_float(tokens, ref)
-        b = self.q.decode_float(tokens, ref)
+        a = self.ref.decode_float(codes, ref)
+        b = self.q.decode_float(codes, ref)
         for x, y in zip(to_uint8_frames(a), to_uint8_frames(b)):
             self.dec_psnr.append(psnr(x, y))
         return a

@@ -131,7 +131,8 @@ def _lipsync_metrics(pred: dict, lab: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- running the model
-def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_frame=None, refine=0, guidance=None):
+def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_frame=None, refine=0, guidance=None,
+               decode=None):
     """Run one session; -> list of the kept frames' images (all when ``keep`` is None)."""
     from eartalk.controls_timeline import apply_timeline
     from eartalk.generate import stream_frames
@@ -139,7 +140,7 @@ def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_fram
     engine = Engine(backend, max_sessions=1)
     kept = []
     try:
-        session = engine.open_session(portrait, seed=seed, refine=refine, guidance=guidance)
+        session = engine.open_session(portrait, seed=seed, refine=refine, guidance=guidance, decode=decode)
         apply_timeline(session, timeline)
         for f in stream_frames(session, audio):
             if keep is None or f.index in keep:
@@ -226,7 +227,8 @@ def looped_audio(audio: np.ndarray, period: int, n_frames: int, samples_per_fram
 
 
 def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progress: bool, refine: int = 0,
-           guidance: float | None = None, controls: tuple[str, ...] = ("free",)) -> dict[str, dict]:
+           guidance: float | None = None, controls: tuple[str, ...] = ("free",),
+           decode: str | None = None) -> dict[str, dict]:
     """The identity-drift streams: ``n`` frames of the clip's looped speech, for each of
     ``controls``: ``"free"`` (the model's own motion) or ``"pinned"`` to the looped ground truth (the
     renders' own motion, so a change in distance is the identity's and not a change in how the face
@@ -266,7 +268,7 @@ def _drift(backend, probe, clip, portrait, gt_frames, n: int, seed: int, progres
         bar = tqdm(total=n, desc=f"drift, controls {mode}", unit="frame", disable=not progress, file=sys.stderr)
         t0 = time.perf_counter()
         kept = _frames_of(backend, portrait, audio, timeline, seed=seed, keep=keep, on_frame=lambda f: bar.update(),
-                          refine=refine, guidance=guidance)
+                          refine=refine, guidance=guidance, decode=decode)
         bar.close()
         secs = time.perf_counter() - t0
         ours = curve(kept)
@@ -303,14 +305,15 @@ def _plot_drift(d: dict, path: Path, pinned: dict | None = None) -> None:
 # ----------------------------------------------------------------------------- the evaluation
 def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000, max_clips: int | None = None,
              random_init: bool = False, seed: int = 0, probe=None, backend=None, progress: bool = True,
-             refine: int = 0, guidance: float | None = None) -> dict:
+             refine: int = 0, guidance: float | None = None, decode: str | None = None) -> dict:
     """Evaluate ``model`` (preset name or bundle directory) on ``data``'s ``split``; write the
     report JSON to ``out`` and the drift plot beside it (``<out stem>.drift.png``); -> the report.
 
     ``probe``: a loaded probe (default: the shipped one); ``backend``: a ready runtime backend
     (default: ``make_backend(model, "torch", random_init, seed)``); ``refine``: extra refinement
     passes per frame (``runtime/refine.py``), 0 = one pass; ``guidance``: audio guidance scale
-    (``runtime/guidance.py``; None = its default, 1 = off).
+    (``runtime/guidance.py``; None = its default, 1 = off); ``decode``: ``"expected"`` (None, the
+    default) or ``"tokens"`` (``runtime/soft_decode.py``).
     """
     from tqdm import tqdm
 
@@ -319,7 +322,9 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     from eartalk.probe.net import load_probe
     from eartalk.generate import open_backend
     from eartalk.runtime.guidance import resolve_guidance
+    from eartalk.runtime.soft_decode import check_decode
     guidance = resolve_guidance(guidance)
+    decode = check_decode(decode)
     out = Path(out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: expected a .json file name for the report")
@@ -357,8 +362,9 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                     c_psnr.append(psnr(f.image, gt_frames[f.index]))
                     c_ssim.append(ssim(f.image, gt_frames[f.index]))
             gen_pinned = _frames_of(backend, portrait, clip.audio, pinned_timeline(clip.gt, n), seed, on_frame=score,
-                                    refine=refine, guidance=guidance)
-            gen_free = _frames_of(backend, portrait, clip.audio, (), seed, refine=refine, guidance=guidance)
+                                    refine=refine, guidance=guidance, decode=decode)
+            gen_free = _frames_of(backend, portrait, clip.audio, (), seed, refine=refine, guidance=guidance,
+                                  decode=decode)
             m = min(n, len(gen_pinned), len(gen_free))
             lab = {k: np.asarray(clip.gt[k])[:m] for k in ("yaw", "pitch", "blink", "emotion", "mouth_open", "viseme")}
             lab["first"] = (np.arange(m) == 0).astype(np.int64)
@@ -380,7 +386,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                 t = m // 2
                 sheet_rows.append([portrait, gt_frames[t], gen_pinned[t], gen_free[t]] + ([rec[t]] if rec is not None else []))
                 sheet_at.append({"clip": cid, "frame": t})
-        runs = _drift(backend, probe, *first, frames_drift, seed, progress, refine, guidance, ("free", "pinned"))
+        runs = _drift(backend, probe, *first, frames_drift, seed, progress, refine, guidance, ("free", "pinned"),
+                      decode)
         drift, drift_pinned = runs["free"], runs["pinned"]
     finally:
         if own_backend:
@@ -417,7 +424,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     report = {
         "model": str(model), "random_init": bool(random_init), "model_sha256": info.get("sha256"),
         "backend": type(backend).__name__, "precision": getattr(backend, "precision", "fp32"), "refine": int(refine),
-        "guidance": guidance,
+        "guidance": guidance, "decode": decode,
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,

@@ -82,13 +82,14 @@ def stream_frames(session, audio: np.ndarray, chunk: int | None = None) -> Itera
 
 def render(backend, portrait: np.ndarray, audio: np.ndarray, out, timeline=(), *, seed: int = 0,
            progress: bool = True, on_frame: Callable | None = None, refine: int = 0,
-           guidance: float | None = None) -> GenerateResult:
+           guidance: float | None = None, decode: str | None = None) -> GenerateResult:
     """Render ``audio`` (16 kHz mono float32) with ``portrait`` (uint8 RGB at the model's size) on
     ``backend`` to the mp4 ``out``, scheduling ``timeline`` [(frame, {control: value})] first.
 
     ``on_frame(frame)`` sees every Frame as it is written (the evaluation keeps some of them).
     ``refine``: extra refinement passes per frame (``runtime/refine.py``); ``guidance``: audio guidance
-    scale (``runtime/guidance.py``; None = the default, 1 = off).
+    scale (``runtime/guidance.py``; None = the default, 1 = off); ``decode``: ``"expected"`` (None, the
+    default) or ``"tokens"`` (``runtime/soft_decode.py``).
     The mp4 appears only when complete (``Mp4Writer`` writes ``out.partial`` and renames it).
     """
     from tqdm import tqdm
@@ -107,7 +108,7 @@ def render(backend, portrait: np.ndarray, audio: np.ndarray, out, timeline=(), *
     engine = Engine(backend, max_sessions=1)
     writer = None
     try:
-        session = engine.open_session(portrait, seed=seed, refine=refine, guidance=guidance)
+        session = engine.open_session(portrait, seed=seed, refine=refine, guidance=guidance, decode=decode)
         apply_timeline(session, timeline)
         writer = Mp4Writer(out, fps=cfg.fps, size=cfg.image_size, audio_rate=cfg.sample_rate)
         writer.write_audio(np.clip(audio, -1.0, 1.0).astype(np.float32))
@@ -133,7 +134,7 @@ def render(backend, portrait: np.ndarray, audio: np.ndarray, out, timeline=(), *
 def generate(portrait, audio, out, *, controls=None, model: str = "tiny", random_init: bool = False,
              backend: str = "torch", seed: int = 0, onnx_dir=None, progress: bool = True,
              notice: Callable[[str], None] = _stderr, precision: str = "fp32", refine: int = 0,
-             guidance: float | None = None) -> GenerateResult:
+             guidance: float | None = None, decode: str | None = None) -> GenerateResult:
     """Files in, mp4 out (see the module docstring).
 
     ``portrait``: image file; ``audio``: any file ``load_audio`` decodes; ``controls``: timeline
@@ -143,6 +144,7 @@ def generate(portrait, audio, out, *, controls=None, model: str = "tiny", random
     ``fp32``, or ``int8``/``fp8`` with onnxruntime (the Q/DQ graphs of ``eartalk calibrate quantize``).
     ``refine``: extra refinement passes per frame (models trained with refinement, torch backend).
     ``guidance``: audio guidance scale (None = ``runtime.guidance.DEFAULT_GUIDANCE``, 1 = off).
+    ``decode``: ``"expected"`` (None, the default) or ``"tokens"`` (``runtime/soft_decode.py``).
     Inputs are validated before the model is loaded. Notices (resized portrait, random weights) go
     to ``notice``.
     """
@@ -172,7 +174,8 @@ def generate(portrait, audio, out, *, controls=None, model: str = "tiny", random
             notices.append(f"note: model {model!r} is randomly initialised (--random-init): frames are not a face")
         for m in notices:
             notice(m)
-        res = render(be, image, pcm, out, timeline, seed=seed, progress=progress, refine=refine, guidance=guidance)
+        res = render(be, image, pcm, out, timeline, seed=seed, progress=progress, refine=refine, guidance=guidance,
+                     decode=decode)
     finally:
         be.close()
     res.notices = notices

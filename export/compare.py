@@ -113,7 +113,8 @@ def run_stream(graphs, cfg, receptive_field: int, frames: int, seed: int = 0, pc
                portrait: np.ndarray | None = None, record_steps: int = 0, decode: bool = True,
                timer: dict | None = None) -> dict:
     """One session, ``frames`` frames, greedy tokens. Returns ``logits`` [T,N,V], ``tokens`` [T,N],
-    ``images`` [T,3,S,S] (when ``decode``) and ``recorded``: the first ``record_steps`` step
+    ``images`` [T,3,S,S] (when ``decode``: each frame's expected codes decoded, as the runtime does
+    by default, ``runtime/soft_decode.py``) and ``recorded``: the first ``record_steps`` step
     inputs as ``{name: [k, ...]}`` (batch axis of each kept, stacked on a new leading axis).
 
     The cache layout is the step contract's: sink page first, then the window oldest -> newest,
@@ -121,7 +122,10 @@ def run_stream(graphs, cfg, receptive_field: int, frames: int, seed: int = 0, pc
     """
     from eartalk.model.audio import StreamingAudioFrontend
     from eartalk.model.conditions import encode_controls
+    from eartalk.model.tokenizer import code_table
+    from eartalk.runtime.soft_decode import expected_codes
     c = cfg
+    table = code_table(c.codebook_size).numpy()
     P, W, S = c.page_tokens, c.window, c.cache_tokens
     timer = timer if timer is not None else {}
 
@@ -169,7 +173,7 @@ def run_stream(graphs, cfg, receptive_field: int, frames: int, seed: int = 0, pc
         logits_all.append(logits[0])
         toks.append(tok[0])
         if decode:
-            images.append(call("tokenizer_decode", tok, ref)[0][0])
+            images.append(call("tokenizer_decode", expected_codes(logits, table), ref)[0][0])
     out = {"logits": np.stack(logits_all), "tokens": np.stack(toks), "timer": timer,
            "recorded": {n: np.stack(v) for n, v in rec.items() if v}}
     if decode:

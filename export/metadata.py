@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: tokenizer_decode reads codes float32 [B,N,d], not tokens (2026-12-06)
 MANIFEST = "manifest.json"
 PREFIX = "eartalk."
 KEYS = ("graph", "model_config", "version", "weights_sha256", "format")
@@ -119,7 +119,8 @@ def read_manifest(onnx_dir: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON: {e}") from e
     if m.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: manifest format {m.get('format')!r}, this eartalk reads {FORMAT_VERSION}")
+        raise ArtifactError(f"{path}: manifest format {m.get('format')!r}, this eartalk reads {FORMAT_VERSION}; "
+                            f"re-export with `eartalk export onnx`")
     return m
 
 
@@ -150,7 +151,8 @@ def check_props(path: str | Path, props: dict[str, str], graph: str | None = Non
     if missing:
         raise ArtifactError(f"{path}: no eartalk metadata {missing} (not exported by `eartalk export onnx`?)")
     if props["format"] != str(FORMAT_VERSION):
-        raise ArtifactError(f"{path}: export format {props['format']}, this eartalk reads {FORMAT_VERSION}")
+        raise ArtifactError(f"{path}: export format {props['format']}, this eartalk reads {FORMAT_VERSION}; "
+                            f"re-export with `eartalk export onnx`")
     if graph is not None and props["graph"] != graph:
         raise ArtifactError(f"{path}: graph kind {props['graph']!r}, expected {graph!r}")
     want_version = version or current_version()

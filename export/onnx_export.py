@@ -8,7 +8,7 @@ Graphs (file = ``<kind>.onnx``), every shape static except the batch (``batch``,
 | ``prefill`` | portrait_tokens int64 [B,N] -> sink_k, sink_v [L,B,H,P,D] |
 | ``tokenizer_encode`` | images [B,3,S,S] -> tokens int64 [B,N] |
 | ``tokenizer_reference`` | portrait [B,3,S,S] -> ref [B,Cr+48,S/4,S/4] |
-| ``tokenizer_decode`` | tokens int64 [B,N], ref -> images [B,3,S,S] |
+| ``tokenizer_decode`` | codes float32 [B,N,d] (each token's FSQ digits, or their expectation), ref -> images [B,3,S,S] |
 | ``audio_encoder`` | mel_window [B,R,n_mels] -> audio [B,A,F] (one video frame) |
 
 Each file gets the provenance of :mod:`export.metadata` in ``metadata_props``, passes
@@ -95,12 +95,14 @@ def expected_signature(cfg, receptive_field: int, ref_channels: int) -> dict[str
 
     This is the contract the runtime backends rely on; the exporter checks every file against it.
     """
+    from eartalk.model.tokenizer import fsq_levels
     c, b = cfg, BATCH
     S, N, P = c.image_size, c.tokens_per_frame, c.page_tokens
     kv = lambda T: ("float32", [c.n_layer, b, c.n_head, T, c.head_dim])  # noqa: E731
     ref = ("float32", [b, ref_channels, S // 4, S // 4])
     img = ("float32", [b, 3, S, S])
     toks = ("int64", [b, N])
+    digits = len(fsq_levels(c.codebook_size))   # d: a code is its FSQ digits (tokenizer.code_table)
     sig = {
         "step": {"inputs": {"prev_tokens": toks, "audio": ("float32", [b, c.audio_tokens, c.audio_dim]),
                             "cond": ("float32", [b, c.cond_tokens, c.cond_dim]),
@@ -111,7 +113,8 @@ def expected_signature(cfg, receptive_field: int, ref_channels: int) -> dict[str
         "prefill": {"inputs": {"portrait_tokens": toks}, "outputs": {"sink_k": kv(P), "sink_v": kv(P)}},
         "tokenizer_encode": {"inputs": {"images": img}, "outputs": {"tokens": toks}},
         "tokenizer_reference": {"inputs": {"portrait": img}, "outputs": {"ref": ref}},
-        "tokenizer_decode": {"inputs": {"tokens": toks, "ref": ref}, "outputs": {"images": img}},
+        "tokenizer_decode": {"inputs": {"codes": ("float32", [b, N, digits]), "ref": ref},
+                             "outputs": {"images": img}},
         "audio_encoder": {"inputs": {"mel_window": ("float32", [b, receptive_field, c.n_mels])},
                           "outputs": {"audio": ("float32", [b, c.audio_tokens, c.audio_dim])}},
     }
@@ -130,7 +133,7 @@ def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str,
     """Modules and example inputs (batch ``batch``; 2 so the exporter cannot specialise on 1)."""
     from eartalk.model.audio import AudioEncoderStep
     from eartalk.model.gpt import RefineModule, StepModule
-    from eartalk.model.tokenizer import TokenizerDecode, TokenizerEncode, TokenizerReference
+    from eartalk.model.tokenizer import TokenizerDecode, TokenizerEncode, TokenizerReference, code_table
     c, B = cfg, batch
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, c.codebook_size, (B, c.tokens_per_frame), generator=g)
@@ -138,6 +141,9 @@ def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str,
     past_k, past_v, past_lag = gpt.empty_cache(B)
     with torch.no_grad():
         ref = tokenizer.reference(images)
+    # expected codes under a random distribution over the codebook: points between the codes too
+    probs = torch.softmax(torch.randn(B, c.tokens_per_frame, c.codebook_size, generator=g) * 3, -1)
+    codes = probs @ code_table(c.codebook_size)
     step_args = (tokens, torch.randn(B, c.audio_tokens, c.audio_dim, generator=g),
                  torch.randn(B, c.cond_tokens, c.cond_dim, generator=g),
                  torch.zeros(B, c.cond_tokens, dtype=torch.bool), past_k, past_v, past_lag)
@@ -152,8 +158,8 @@ def graph_specs(cfg, gpt, tokenizer, audio_encoder, batch: int = 2) -> dict[str,
                   {"images": 0}),
         GraphSpec("tokenizer_reference", TokenizerReference(tokenizer), (images,), ["portrait"], ["ref"],
                   {"portrait": 0}),
-        GraphSpec("tokenizer_decode", TokenizerDecode(tokenizer), (tokens, ref), ["tokens", "ref"],
-                  ["images"], {"tokens": 0, "ref": 0}),
+        GraphSpec("tokenizer_decode", TokenizerDecode(tokenizer), (codes, ref), ["codes", "ref"],
+                  ["images"], {"codes": 0, "ref": 0}),
         GraphSpec("audio_encoder", AudioEncoderStep(audio_encoder),
                   (torch.randn(B, R, c.n_mels, generator=g) * 3 - 5,), ["mel_window"], ["audio"],
                   {"mel_window": 0}),

@@ -10,6 +10,7 @@ Thin facade over small modules::
     scheduler     Engine: all sessions of one backend, one batched step per tick
     refine        few-step refinement schedule (extra passes per frame, models trained for it)
     guidance      audio guidance: each frame's logits pushed away from those of silence
+    soft_decode   the frame shown decoded from each cell's expected code, not its picked token
 
 Quick start::
 
@@ -70,7 +71,7 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
                  seed: int = 0, device: str | None = None, realtime: bool = False,
                  temperature: float = 0.0, top_k: int | None = None, idle_motion: bool = True,
                  controls: dict | None = None, precision: str = "fp32", refine: int = 0,
-                 guidance: float | None = None, **backend_options) -> Session:
+                 guidance: float | None = None, decode: str | None = None, **backend_options) -> Session:
     """Open one streaming session (a one-session :class:`Engine`; closing the session closes it).
 
     ``portrait``: image path or uint8 RGB array [H, W, 3] (another size is cropped/resized with a
@@ -80,7 +81,9 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
     ``frames()`` to 25 fps. ``controls``: initial control values (see ``Session.control``).
     ``refine``: extra refinement passes per frame (``runtime/refine.py``; models trained with
     ``refine``, torch backend); 0 = one pass per frame. ``guidance``: audio guidance scale
-    (``runtime/guidance.py``; None = ``DEFAULT_GUIDANCE``, 1 = off).
+    (``runtime/guidance.py``; None = ``DEFAULT_GUIDANCE``, 1 = off). ``decode``: frames decoded from
+    each cell's ``"expected"`` code (None, the default) or from the picked ``"tokens"``
+    (``runtime/soft_decode.py``).
     """
     if portrait is None:
         raise ValueError("open_session needs portrait= (an image path or a uint8 RGB array [H, W, 3])")
@@ -88,4 +91,4 @@ def open_session(model="tiny", backend: str = "torch", portrait=None, *, random_
                               precision=precision, **backend_options), max_sessions=1)
     return eng.open_session(portrait, realtime=realtime, temperature=temperature, top_k=top_k, seed=seed,
                             idle_motion=idle_motion, controls=controls, refine=refine, guidance=guidance,
-                            _owns_engine=True)
+                            decode=decode, _owns_engine=True)

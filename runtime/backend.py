@@ -12,12 +12,13 @@ method                     graph                       shapes
 ``prefill``                ``prefill``                 int64 [B,N] -> k, v float32 [L,B,H,P,D]
 ``encode_audio``           ``audio_encoder``           float32 [B,R,n_mels] -> [B,A,F]
 ``step``                   ``step``                    the step contract of ``shared/design.md``
-``decode_float``           ``tokenizer_decode``        int64 [B,N], ref -> float32 [B,3,S,S]
+``decode_float``           ``tokenizer_decode``        codes float32 [B,N,d], ref -> float32 [B,3,S,S]
 =========================  ==========================  =========================================
 
-The concrete helpers here (``encode_portrait``, ``decode``) hold the parts that must be the same
-on every backend -- portrait validation/resizing and the float -> uint8 conversion -- so two
-backends given the same graphs produce the same pixels.
+The concrete helpers here (``encode_portrait``, ``decode``, ``decode_codes``) hold the parts that
+must be the same on every backend -- portrait validation/resizing, tokens to codes
+(``code_table``) and the float -> uint8 conversion -- so two backends given the same graphs produce
+the same pixels.
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ class Backend(abc.ABC):
     def __init__(self, cfg, receptive_field: int):
         self.cfg = cfg
         self.receptive_field = int(receptive_field)
+        from eartalk.model.tokenizer import code_table
+        # float32 [V, d]: token -> the code the decoder reads (its normalised FSQ digits)
+        self.code_table = code_table(cfg.codebook_size).numpy()
 
     # ------------------------------------------------------------------ graphs
     @abc.abstractmethod
@@ -122,8 +126,9 @@ class Backend(abc.ABC):
         return self.refine_blocker() is None
 
     @abc.abstractmethod
-    def decode_float(self, tokens: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        """int64 [B,N] + ref [B,...] -> float32 images [B,3,S,S] in [0,1]."""
+    def decode_float(self, codes: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """codes float32 [B,N,d] (rows of ``code_table``, or their expectation) + ref [B,...] ->
+        float32 images [B,3,S,S] in [0,1]."""
 
     # ------------------------------------------------------------------ shared helpers
     def encode_portrait(self, image) -> tuple[np.ndarray, np.ndarray]:
@@ -133,13 +138,29 @@ class Backend(abc.ABC):
         x = np.ascontiguousarray(x)
         return self.tokenize(x)[0].astype(np.int64), np.asarray(self.reference(x)[0], np.float32)
 
-    def decode(self, tokens: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        """int64 [B,N] + ref [B,...] -> uint8 RGB frames [B,S,S,3]."""
+    def codes_of(self, tokens: np.ndarray) -> np.ndarray:
+        """int64 tokens [B,N] -> their codes float32 [B,N,d] (what ``decode_float`` reads)."""
         tokens = np.asarray(tokens)
+        V = self.cfg.codebook_size
         if tokens.ndim != 2 or tokens.shape[1] != self.cfg.tokens_per_frame:
             raise ValueError(f"decode tokens must be int64 [B, {self.cfg.tokens_per_frame}], "
                              f"got shape {tokens.shape}")
-        return to_uint8_frames(self.decode_float(tokens.astype(np.int64, copy=False), ref))
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens.size and (tokens.min() < 0 or tokens.max() >= V):
+            raise ValueError(f"decode tokens must be integers in [0, {V}), got dtype {tokens.dtype}"
+                             + (f", range [{tokens.min()}, {tokens.max()}]" if tokens.size else ""))
+        return self.code_table[tokens]
+
+    def decode(self, tokens: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """int64 [B,N] + ref [B,...] -> uint8 RGB frames [B,S,S,3]."""
+        return self.decode_codes(self.codes_of(tokens), ref)
+
+    def decode_codes(self, codes: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """codes float32 [B,N,d] + ref [B,...] -> uint8 RGB frames [B,S,S,3]."""
+        codes = np.asarray(codes)
+        want = (self.cfg.tokens_per_frame, self.code_table.shape[1])
+        if codes.ndim != 3 or codes.shape[1:] != want:
+            raise ValueError(f"decode codes must be float32 [B, {want[0]}, {want[1]}], got shape {codes.shape}")
+        return to_uint8_frames(self.decode_float(np.ascontiguousarray(codes, np.float32), ref))
 
     def close(self) -> None:
         """Release engine resources (no-op by default)."""

@@ -264,8 +264,8 @@ class OrtBackend(Backend):
             return f"refinement passes run on the fp32 graphs only (precision {self.precision} has no quantized refine graph)"
         return why
 
-    def decode_float(self, tokens, ref):
-        return self.graphs["tokenizer_decode"](np.asarray(tokens, np.int64), np.asarray(ref, np.float32))[0]
+    def decode_float(self, codes, ref):
+        return self.graphs["tokenizer_decode"](np.asarray(codes, np.float32), np.asarray(ref, np.float32))[0]
 
     def end_profiling(self) -> dict[str, str]:
         return self.graphs.end_profiling()

@@ -5,8 +5,8 @@
     build_page_table -> gather (dense past) -> backend.step (ONE call; a guided session's row
     twice, the second on silence, runtime/guidance.py) -> per-session sampling
     [-> refinement passes: backend.refine, once per extra pass, for the sessions opened with
-    refine > 0 (runtime/refine.py)] -> backend.decode -> begin_step -> append -> each session's
-    frame queue
+    refine > 0 (runtime/refine.py)] -> backend.decode_codes (each session's expected codes or its
+    tokens' codes, runtime/soft_decode.py) -> begin_step -> append -> each session's frame queue
 
 (the call order ``runtime/page_table.py`` documents). Sessions join (``open_session``) and leave
 (``close_session``) between any two ticks; they need not be at the same frame.
@@ -34,6 +34,7 @@ from .page_table import SessionPages, build_page_table
 from .guidance import guide, resolve_guidance, silence_audio
 from .refine import confidence, grow_known, hidden_after
 from .session import Session, StreamState
+from .soft_decode import check_decode, expected_codes
 
 __all__ = ["Engine", "PoolFullError"]
 
@@ -75,13 +76,15 @@ class Engine:
     def open_session(self, portrait, *, realtime: bool = False, temperature: float = 0.0,
                      top_k: int | None = None, seed: int = 0, idle_motion: bool = True,
                      controls: dict | None = None, refine: int = 0, guidance: float | None = None,
-                     _owns_engine: bool = False) -> Session:
+                     decode: str | None = None, _owns_engine: bool = False) -> Session:
         """Encode the portrait, reserve and prefill the sink page(s); -> :class:`Session`.
 
         ``refine``: extra passes per frame (``runtime/refine.py``; a model trained with
         ``cfg.refine`` on a backend that runs them, else ValueError); 0 = one pass.
         ``guidance``: audio guidance scale (``runtime/guidance.py``); None = ``DEFAULT_GUIDANCE``,
-        1 = off. A guided session takes two rows of the batched step.
+        1 = off. A guided session takes two rows of the batched step. ``decode``: the frame shown
+        is decoded from each cell's ``"expected"`` code under the step's probabilities (None, the
+        default) or from its ``"tokens"`` (``runtime/soft_decode.py``).
 
         ``portrait``: uint8 RGB array [H, W, 3] or an image path. Raises ``PoolFullError`` when the
         pool cannot hold one more session; nothing is held on any error.
@@ -94,6 +97,7 @@ class Engine:
                 f"{self.pool.num_pages} pages ({self.pages_per_session} pages per session, room for "
                 f"{self.capacity}); close a session or build the Engine with a larger max_sessions")
         guidance = resolve_guidance(guidance)
+        decode = check_decode(decode)
         limit = getattr(self.backend, "max_batch", None)
         guided = sum(s.guidance != 1.0 for s in self.sessions) + (guidance != 1.0)
         rows = len(self.sessions) + 1 + guided
@@ -111,7 +115,7 @@ class Engine:
             self.cache.append(np.asarray(pages.sink_pages, np.int32), k, v)
             state = StreamState(next(self._ids), self.cfg, self.backend, pages, tokens, ref,
                                 temperature=temperature, top_k=top_k, seed=seed, idle_motion=idle_motion,
-                                refine=refine, guidance=guidance)
+                                refine=refine, guidance=guidance, decode=decode)
             if controls:
                 state.control(None, **controls)
         except BaseException:
@@ -184,13 +188,21 @@ class Engine:
                                             [s.guidance for s in batch])
         tokens = np.stack([s.pick_tokens(logits[b]) for b, s in enumerate(batch)])
         if any(s.refine for s in batch):
-            tokens = self._refine(batch, (prev, audio, cond, cond_mask, past_k, past_v, past_lag), logits, tokens)
-        images = self.backend.decode(tokens, np.stack([s.ref for s in batch]))
+            tokens, logits = self._refine(batch, (prev, audio, cond, cond_mask, past_k, past_v, past_lag), logits,
+                                          tokens)
+        images = self.backend.decode_codes(self._codes(batch, tokens, logits), np.stack([s.ref for s in batch]))
         # Nothing above changed any session: a failure there can be retried per session.
         pages = [s.pages.begin_step() for s in batch]
         self.cache.append(pages, new_k, new_v)
         for b, s in enumerate(batch):
             s.emit(tokens[b], images[b])
+
+    def _codes(self, batch: list[StreamState], tokens: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """[B,N,d]: what each session's frame decodes, its expected codes under ``logits`` (the ones
+        its tokens were picked from) or its tokens' codes (``runtime/soft_decode.py``)."""
+        table = self.backend.code_table
+        return np.stack([expected_codes(logits[b], table) if s.decode == "expected" else table[tokens[b]]
+                         for b, s in enumerate(batch)])
 
     def _backend_step(self, prev, audio, cond, cond_mask, past_k, past_v, past_lag):
         """The backend's step -> (logits numpy [B,N,V], new_k, new_v torch [L,B,H,P,D])."""
@@ -226,11 +238,13 @@ class Engine:
         guided[g] = guide(logits[g], logits[B:], np.asarray([scales[b] for b in g])[:, None, None])
         return guided if rest is None else (guided, *(r[:, :B] for r in rest))
 
-    def _refine(self, batch: list[StreamState], step_args, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def _refine(self, batch: list[StreamState], step_args, logits: np.ndarray,
+                tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The refinement passes of this tick's frame (``runtime/refine.py``): session b takes
-        ``batch[b].refine`` more passes; pass j runs the sessions that still have one, as one batch."""
+        ``batch[b].refine`` more passes; pass j runs the sessions that still have one, as one batch.
+        -> (tokens, logits): each token's logits are those of the pass that picked it."""
         N = self.cfg.tokens_per_frame
-        tokens = tokens.copy()
+        tokens, logits = tokens.copy(), np.array(logits, copy=True)
         known = np.zeros(tokens.shape, bool)
         conf = confidence(logits)
         for b, s in enumerate(batch):
@@ -248,9 +262,10 @@ class Engine:
             for i, b in enumerate(rows):
                 s, hide = batch[b], ~known[b]
                 tokens[b, hide] = s.pick_tokens(out[i])[hide]
+                logits[b, hide] = out[i][hide]
                 c = confidence(out[i])
                 known[b] = grow_known(known[b], np.where(hide, c, np.inf), hidden_after(j + 1, s.refine + 1, N))
-        return tokens
+        return tokens, logits
 
     def run_until_idle(self) -> int:
         """Tick until no session has a frame ready; returns the number of ticks."""

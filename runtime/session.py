@@ -55,7 +55,7 @@ class StreamState:
 
     def __init__(self, sid: int, cfg, backend, pages, portrait_tokens: np.ndarray, ref: np.ndarray,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                 idle_motion: bool = True, refine: int = 0, guidance: float = 1.0):
+                 idle_motion: bool = True, refine: int = 0, guidance: float = 1.0, decode: str = "expected"):
         if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
             raise ValueError(f"refine must be an int >= 0 (extra passes per frame; 0 = one pass), got {refine!r}")
         why = backend.refine_blocker() if refine else None
@@ -81,6 +81,7 @@ class StreamState:
         self.idle_motion = bool(idle_motion)
         self.refine = int(refine)       # extra passes per frame (runtime/refine.py)
         self.guidance = float(guidance)   # audio guidance scale, 1 = off; checked by Engine.open_session
+        self.decode = decode            # "expected" | "tokens" (runtime/soft_decode.py); checked by Engine.open_session
         self._idle = None
         self.frame_index = 0            # next frame to step
         self.out: deque[Frame] = deque()

@@ -151,15 +151,15 @@ class TorchBackend(Backend):
         return self._np(self.step_torch(prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag,
                                         draft, draft_known)[0])
 
-    def decode_float(self, tokens, ref):
-        tok = self._t(tokens, torch.int64)
+    def decode_float(self, codes, ref):
+        c = self._t(codes, torch.float32)
         r = self._t(ref, torch.float32)
-        if r.shape[0] != tok.shape[0]:
-            raise ValueError(f"decode: {tok.shape[0]} token rows but {r.shape[0]} ref rows")
+        if r.shape[0] != c.shape[0]:
+            raise ValueError(f"decode: {c.shape[0]} code rows but {r.shape[0]} ref rows")
         with torch.inference_mode():
-            dec = self.bundle.tokenizer.decode
+            dec = self.bundle.tokenizer.decode_codes
             if self.batch_invariant:
-                out = torch.cat([dec(tok[i:i + 1], r[i:i + 1]) for i in range(tok.shape[0])])
+                out = torch.cat([dec(c[i:i + 1], r[i:i + 1]) for i in range(c.shape[0])])
             else:
-                out = dec(tok, r)
+                out = dec(c, r)
             return self._np(out)

@@ -213,8 +213,8 @@ class TrtBackend(Backend):
         logits, k, v = self.engines["step"](prev_tokens, audio, cond, cond_mask, past_k, past_v, past_lag)
         return logits, k, v
 
-    def decode_float(self, tokens, ref):
-        return self.engines["tokenizer_decode"](tokens, ref)[0]
+    def decode_float(self, codes, ref):
+        return self.engines["tokenizer_decode"](codes, ref)[0]
 
     # paged KV ops: in place on a device pool, or on a host pool (kernels' copying path or the
     # numpy reference)

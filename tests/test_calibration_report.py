@@ -81,7 +81,7 @@ def test_runtime_loads_int8_graphs(qdir):
     c = fp.cfg
     toks = np.arange(2 * c.tokens_per_frame).reshape(2, -1) % c.codebook_size
     ref = fp.reference(np.random.default_rng(0).random((2, 3, c.image_size, c.image_size), np.float32))
-    a, b = fp.decode_float(toks, ref), q.decode_float(toks, ref)
+    a, b = fp.decode_float(fp.codes_of(toks), ref), q.decode_float(q.codes_of(toks), ref)
     assert not np.array_equal(a, b) and np.abs(a - b).mean() < 0.02    # really another graph, close to fp32
     with pytest.raises(md.ArtifactError, match="no fp8 graphs.*calibrate quantize"):
         OrtBackend(qdir / "q", c, precision="fp8")

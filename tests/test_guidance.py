@@ -81,7 +81,8 @@ def _manual(portrait, audio, guidance):
     def frame(gpt, prev, a, c, m, pk, pv, pl):
         speech, nk, nv = gpt.step(prev, a, c, m, pk, pv, pl)
         silent = gpt.step(prev, sil, c, m, pk, pv, pl)[0]
-        return torch.from_numpy(guide(speech.numpy(), silent.numpy(), guidance)[0].argmax(-1)), nk, nv
+        guided = guide(speech.numpy(), silent.numpy(), guidance)[0]
+        return torch.from_numpy(guided.argmax(-1)), nk, nv, guided
     return manual_stream(BACKEND, portrait, audio, frame)
 
 

@@ -14,7 +14,7 @@ from eartalk.export.onnx_export import (GRAPHS, TRT10_OPS, ExportError, check_gr
 from eartalk.model.audio import AudioEncoder
 from eartalk.model.config import preset
 from eartalk.model.gpt import EARTalkGPT
-from eartalk.model.tokenizer import VQTokenizer
+from eartalk.model.tokenizer import VQTokenizer, code_table
 
 
 def make_models(seed=0):
@@ -67,7 +67,8 @@ def test_other_graph_signatures(exported):
     assert sigs["prefill"]["outputs"]["sink_k"] == ("float32", [2, "batch", 2, 10, 8])
     assert sigs["tokenizer_encode"] == {"inputs": {"images": ("float32", ["batch", 3, 32, 32])},
                                         "outputs": {"tokens": ("int64", ["batch", 4])}}
-    assert sigs["tokenizer_decode"]["inputs"]["ref"] == ("float32", ["batch", tok.ref_channels + 48, 8, 8])
+    assert sigs["tokenizer_decode"]["inputs"] == {"codes": ("float32", ["batch", 4, 2]),   # 4 cells, 2 FSQ digits
+                                                  "ref": ("float32", ["batch", tok.ref_channels + 48, 8, 8])}
     assert sigs["audio_encoder"] == {"inputs": {"mel_window": ("float32", ["batch", R, 80])},
                                      "outputs": {"audio": ("float32", ["batch", 2, 16])}}
 
@@ -123,9 +124,11 @@ def _feeds(kind, cfg, gpt, tok, enc, B, seed=3):
         return (img,), tok.encode
     if kind == "tokenizer_reference":
         return (img,), tok.reference
-    if kind == "tokenizer_decode":
+    if kind == "tokenizer_decode":   # expected codes under a random distribution: between the codes too
+        codes = torch.softmax(torch.randn(B, cfg.tokens_per_frame, cfg.codebook_size, generator=g) * 3, -1) \
+            @ code_table(cfg.codebook_size)
         with torch.no_grad():
-            return (toks, tok.reference(img)), tok.decode
+            return (codes, tok.reference(img)), tok.decode_codes
     return (torch.randn(B, enc.receptive_field, cfg.n_mels, generator=g) * 3 - 5,), enc.step
 
 

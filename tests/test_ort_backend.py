@@ -39,9 +39,17 @@ def test_backend_parity_500_frames(bundle, onnx_dir):
     assert diff <= 1e-4, diff
     assert np.array_equal(a["tokens"], b["tokens"])
     assert len(np.unique(a["tokens"])) > 1           # the stream is not a constant
-    # identical frames: the uint8 pixels every backend emits (Backend.decode's rounding)
+    # the tokens' own frames are identical: the uint8 pixels every backend emits (Backend.decode's rounding)
+    from eartalk.export.compare import demo_portrait
     from eartalk.runtime.backend import to_uint8_frames
-    assert np.array_equal(to_uint8_frames(a["images"]), to_uint8_frames(b["images"]))
+    ref_t, ref_o = (be.reference(demo_portrait(cfg)) for be in (torch_b, ort_b))
+    every = a["tokens"][::25]
+    assert np.array_equal(torch_b.decode(every, np.repeat(ref_t, len(every), 0)),
+                          ort_b.decode(every, np.repeat(ref_o, len(every), 0)))
+    # the streams show expected codes (runtime/soft_decode.py), which carry the logits' float
+    # differences: a uint8 value may round the other way, by 1
+    diff = np.abs(to_uint8_frames(a["images"]).astype(int) - to_uint8_frames(b["images"]).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (int(diff.max()), int((diff > 0).sum()))
 
 
 def test_outputs_are_fresh_arrays_with_the_contract_dtypes(bundle, onnx_dir):

@@ -81,7 +81,7 @@ def _manual(portrait, audio, refine):
 
     def frame(gpt, prev, a, c, m, pk, pv, pl):
         logits, nk, nv = gpt.step(prev, a, c, m, pk, pv, pl)
-        t = logits[0].argmax(-1)
+        t, picked_by = logits[0].argmax(-1), logits[0]
         known = torch.zeros(N, dtype=torch.bool)
         conf = torch.softmax(logits[0].double(), -1).max(-1).values
         for j in range(1, refine + 1):
@@ -90,8 +90,9 @@ def _manual(portrait, audio, refine):
             known[order[:keep]] = True
             lg = gpt.step(prev, a, c, m, pk, pv, pl, draft=t[None], draft_known=known[None])[0][0]
             t = torch.where(known, t, lg.argmax(-1))
+            picked_by = torch.where(known[:, None], picked_by, lg)
             conf = torch.softmax(lg.double(), -1).max(-1).values
-        return t, nk, nv
+        return t, nk, nv, picked_by
     return manual_stream(BACKEND, portrait, audio, frame)
 
 

@@ -47,7 +47,8 @@ def test_batched_equals_single_session_exactly():
         calls.append(a[0].shape[0])
         return orig(*a)
     eng.backend = type("Counted", (), {})()   # a thin proxy counting step calls
-    for name in ("cfg", "receptive_field", "encode_portrait", "prefill", "decode", "encode_audio", "device", "name"):
+    for name in ("cfg", "receptive_field", "encode_portrait", "prefill", "decode_codes", "code_table", "encode_audio",
+                 "device", "name"):
         setattr(eng.backend, name, getattr(BACKEND, name))
     eng.backend.step_torch = counting
 

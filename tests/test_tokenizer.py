@@ -5,7 +5,7 @@ import torch
 
 from eartalk.model.config import preset
 from eartalk.model.tokenizer import (FSQ, TokenizerDecode, TokenizerEncode, TokenizerReference,
-                                     VQTokenizer, fsq_levels, reconstruction_psnr, train_tokenizer)
+                                     VQTokenizer, code_table, fsq_levels, reconstruction_psnr, train_tokenizer)
 
 
 def synthetic_clips(n_ids=4, per_id=24, size=32, seed=0):
@@ -69,6 +69,23 @@ def test_fsq_levels_and_index_round_trip():
     # every index decodes to its own digits: 7 + 8*2 + 64*5 = 343
     digits = torch.tensor([7, 2, 5], dtype=torch.float32) / 7 * 2 - 1
     assert torch.allclose(q.lookup(torch.tensor([[343]]), 1).flatten(), digits)
+    # the code table holds the same rows: what the decode graph reads for each token
+    table = code_table(512)
+    assert table.shape == (512, 3) and table.dtype == torch.float32
+    assert torch.allclose(table[343], digits) and torch.equal(table[0], -torch.ones(3))
+    assert torch.equal(table[511], torch.ones(3))
+
+
+def test_decode_is_decode_codes_of_the_tokens_codes(cfg, tok):
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        t, ref = tok.encode(x), tok.reference(x)
+        assert torch.equal(tok.decode(t, ref), tok.decode_codes(code_table(cfg.codebook_size)[t], ref))
+        # a code half-way between two codes is a different input, and decodes to a different frame
+        mid = (code_table(cfg.codebook_size)[t] + code_table(cfg.codebook_size)[(t + 1) % cfg.codebook_size]) / 2
+        assert not torch.equal(tok.decode_codes(mid, ref), tok.decode(t, ref))
+    with pytest.raises(ValueError, match=r"codes \[B, 4, 2\]"):
+        tok.decode_codes(torch.zeros(1, 4), ref[:1])
 
 
 def test_encode_is_relative_to_the_portrait(cfg, tok):
@@ -211,20 +228,25 @@ def test_onnx_round_trip(cfg, tok, tmp_path):
     with torch.no_grad():
         ref = tok.reference(x)
         toks = tok.encode(x)
-    dec = _export(TokenizerDecode(tok), (toks, ref), tmp_path / "dec.onnx",
-                  ["tokens", "ref"], ["images"])
-    # other batch sizes than the example's
+    table = code_table(cfg.codebook_size)
+    dec = _export(TokenizerDecode(tok), (table[toks], ref), tmp_path / "dec.onnx",
+                  ["codes", "ref"], ["images"])
+    # other batch sizes than the example's; a token's code, and an expected code between codes
     for B in (1, 3):
         xb = torch.rand(B, 3, S, S)
         with torch.no_grad():
             t_ref, r_ref = tok.encode(xb), tok.reference(xb)
             y_ref = tok.decode(t_ref, r_ref)
+            soft = torch.softmax(torch.randn(B, tok.tokens_per_frame, cfg.codebook_size), -1) @ table
+            y_soft = tok.decode_codes(soft, r_ref)
         t_ort = enc.run(None, {"images": xb.numpy()})[0]
         assert t_ort.dtype == np.int64 and np.array_equal(t_ort, t_ref.numpy())
         r_ort = ref_s.run(None, {"portrait": xb.numpy()})[0]
         np.testing.assert_allclose(r_ort, r_ref.numpy(), atol=1e-5)
-        y_ort = dec.run(None, {"tokens": t_ref.numpy(), "ref": r_ref.numpy()})[0]
+        y_ort = dec.run(None, {"codes": table[t_ref].numpy(), "ref": r_ref.numpy()})[0]
         np.testing.assert_allclose(y_ort, y_ref.numpy(), atol=1e-4)
+        y_ort = dec.run(None, {"codes": soft.numpy(), "ref": r_ref.numpy()})[0]
+        np.testing.assert_allclose(y_ort, y_soft.numpy(), atol=1e-4)
 
 
 def test_state_terms_are_the_distance_to_the_state_heads_prediction(cfg):
@@ -466,7 +488,8 @@ def test_a_decoder_without_the_warp_exports_without_grid_sample(tmp_path):
     with torch.no_grad():
         toks, ref = tok.encode(x), tok.reference(x)
         want = tok.decode(toks, ref)
-    dec = _export(TokenizerDecode(tok), (toks, ref), tmp_path / "dec.onnx", ["tokens", "ref"], ["images"])
+    codes = code_table(tok.cfg.codebook_size)[toks]
+    dec = _export(TokenizerDecode(tok), (codes, ref), tmp_path / "dec.onnx", ["codes", "ref"], ["images"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "dec.onnx")).graph.node}
     assert "GridSample" not in ops and "Conv" in ops
-    np.testing.assert_allclose(dec.run(None, {"tokens": toks.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)
+    np.testing.assert_allclose(dec.run(None, {"codes": codes.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)

@@ -58,7 +58,7 @@ def run(args) -> int:
         rep = evaluate(args.model, args.data, args.out, split=args.split, frames_drift=args.frames_drift,
                        max_clips=args.max_clips, random_init=args.random_init, seed=args.seed,
                        progress=not args.quiet, backend=backend, refine=args.refine,
-                       guidance=args.guidance)
+                       guidance=args.guidance, decode=args.decode)
     finally:
         if backend is not None:
             backend.close()

@@ -45,7 +45,7 @@ def run(args) -> int:
     res = generate(args.portrait, args.audio, args.out, controls=args.controls, model=args.model,
                    random_init=args.random_init, backend=args.backend, seed=args.seed,
                    onnx_dir=args.onnx_dir, progress=not args.quiet, precision=args.precision,
-                   refine=args.refine, guidance=args.guidance)
+                   refine=args.refine, guidance=args.guidance, decode=args.decode)
     print(f"wrote {res.out} ({res.frames} frames, {res.duration_s:.2f} s of audio) in {res.seconds:.1f} s "
           f"({res.frames / max(res.seconds, 1e-9):.1f} fps)")
     return 0

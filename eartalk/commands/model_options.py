@@ -22,6 +22,10 @@ def add_model_options(p, backends: bool = True) -> None:
                    help="audio guidance: each frame's logits are pushed S times as far from what the model makes of "
                         "silence, which strengthens lip-sync (1 = off; each guided frame steps the model on two rows; "
                         "default 1.5, measured best for tiny: runtime/guidance.py, docs/model-card.md)")
+    p.add_argument("--decode", default=None, choices=("expected", "tokens"),
+                   help="what each frame shows: 'expected' (default), every cell decoded from its code averaged under "
+                        "the model's probabilities (sharper lip-sync and higher PSNR, measured: runtime/soft_decode.py); "
+                        "'tokens', the chosen tokens' codes (as before 2026-12-06)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --random-init, sampling and idle motion (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -130,7 +130,7 @@ def run(args) -> int:
     engine = Engine(backend, max_sessions=1)
     session = engine.open_session(args.portrait, realtime=args.realtime or live, seed=args.seed,
                                   temperature=args.temperature, top_k=args.top_k, refine=args.refine,
-                                  guidance=args.guidance)
+                                  guidance=args.guidance, decode=args.decode)
     apply_timeline(session, timeline)
     spc = cfg.sample_rate * CHUNK_MS // 1000
     chunks = _chunks_from_stdin(spc) if live else _chunks_from_file(args.audio, spc, args.realtime, cfg.sample_rate)

@@ -9,7 +9,10 @@ The decoder's output blends a generated image with the portrait through a predic
 
 Graphs for export (fixed contract, dynamic batch; the wrappers put the model in eval mode): :class:`TokenizerEncode`
 ``images float [B,3,S,S] -> tokens int64 [B,N]``, :class:`TokenizerReference`
-``portrait float [B,3,S,S] -> ref``, :class:`TokenizerDecode` ``(tokens, ref) -> images [B,3,S,S]``.
+``portrait float [B,3,S,S] -> ref``, :class:`TokenizerDecode` ``(codes float [B,N,d], ref) -> images
+[B,3,S,S]``. The decode graph takes each cell's code as its normalised FSQ digits (``code_table``),
+not its index, so that the runtime can decode the expected code under the transformer's
+distribution as well as a chosen token (``runtime/soft_decode.py``).
 """
 from __future__ import annotations
 
@@ -80,6 +83,19 @@ def fsq_digits(codes: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
     return (codes.unsqueeze(-1) // basis) % torch.tensor(levels, device=codes.device)
 
 
+def cells_to_grid(codes: torch.Tensor, grid: int) -> torch.Tensor:
+    """Per-cell codes ``[B, N, d]`` (row-major cells) -> the decoder's grid ``[B, d, g, g]``."""
+    return codes.transpose(1, 2).reshape(codes.shape[0], codes.shape[2], grid, grid)
+
+
+def code_table(codebook_size: int) -> torch.Tensor:
+    """float32 ``[V, d]``: each code's normalised FSQ digits in ``[-1, 1]``, what the decoder reads
+    for that token (``VQTokenizer.decode`` is ``decode_codes`` of these rows)."""
+    levels = fsq_levels(codebook_size)
+    digits = fsq_digits(torch.arange(codebook_size), levels).float()
+    return digits / (torch.tensor(levels, dtype=torch.float32) - 1) * 2 - 1
+
+
 class FSQ(nn.Module):
     """Finite scalar quantisation (Mentzer et al., 2023): each of ``d`` channels is squashed to
     ``[0, L_i - 1]`` and rounded, with a straight-through gradient; the code index is the mixed-radix
@@ -113,8 +129,7 @@ class FSQ(nn.Module):
 
     def lookup(self, idx: torch.Tensor, grid: int) -> torch.Tensor:
         """``[B, N]`` indices -> normalised codes ``[B, d, g, g]``."""
-        digits = fsq_digits(idx, self.levels).transpose(1, 2)                  # [B, d, N]
-        return self._normalise(digits.float().reshape(idx.shape[0], self.dim, grid, grid))
+        return cells_to_grid(code_table(math.prod(self.levels)).to(idx.device)[idx], grid)
 
     def forward(self, z: torch.Tensor):
         """-> (normalised quantised codes with straight-through gradient, indices ``[B, N]``)."""
@@ -143,8 +158,9 @@ class VQTokenizer(nn.Module):
     measured better per step on the corpus (config.ModelConfig.warp); an earlier conv decoder
     without the portrait's features at every scale had stayed below 21 dB PSNR.
 
-    Public API: :meth:`encode`, :meth:`reference`, :meth:`decode`, :meth:`reconstruct`,
-    :meth:`forward`, :meth:`loss`, :meth:`codebook_usage`. Images are RGB ``[B, 3, S, S]``, float in [0, 1] or uint8.
+    Public API: :meth:`encode`, :meth:`reference`, :meth:`decode`, :meth:`decode_codes`,
+    :meth:`reconstruct`, :meth:`forward`, :meth:`loss`, :meth:`codebook_usage`. Images are RGB
+    ``[B, 3, S, S]``, float in [0, 1] or uint8.
     """
 
     def __init__(self, cfg, width: int = 32, ref_channels: int = 32, max_width: int = 128,
@@ -253,6 +269,14 @@ class VQTokenizer(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] != self.tokens_per_frame:
             raise ValueError(f"expected tokens [B, {self.tokens_per_frame}], got {tuple(tokens.shape)}")
         return self._decode(self.quant.lookup(tokens, self.g), ref)
+
+    def decode_codes(self, codes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """codes float ``[B, N, d]`` (rows of :func:`code_table`, or any point between them, such as
+        the expected code under a distribution over tokens) + ``ref`` -> images float ``[B,3,S,S]``."""
+        if codes.dim() != 3 or tuple(codes.shape[1:]) != (self.tokens_per_frame, self.quant.dim):
+            raise ValueError(f"expected codes [B, {self.tokens_per_frame}, {self.quant.dim}], "
+                             f"got {tuple(codes.shape)}")
+        return self._decode(cells_to_grid(codes.float(), self.g), ref)
 
     def reconstruct(self, images, portrait) -> torch.Tensor:
         """images ``[B, 3, S, S]`` through the code book against ``portrait`` (same shape) ->
@@ -501,15 +525,15 @@ class TokenizerReference(nn.Module):
 
 
 class TokenizerDecode(nn.Module):
-    """``(tokens int64 [B,N], ref) -> images float [B,3,S,S]``."""
+    """``(codes float [B,N,d], ref) -> images float [B,3,S,S]`` (codes: see :func:`code_table`)."""
 
     def __init__(self, tok: VQTokenizer):
         super().__init__()
         self.tok = tok
         self.eval()   # export graphs are inference graphs (puts ``tok`` in eval mode too)
 
-    def forward(self, tokens, ref):
-        return self.tok.decode(tokens, ref)
+    def forward(self, codes, ref):
+        return self.tok.decode_codes(codes, ref)
 
 
 # ---------------------------------------------------------------------- training
