@@ -12,6 +12,10 @@ What is measured (also written into the JSON under "method"):
 * guidance: the same with every session at the runtime's default guidance (``runtime/guidance.py``:
   each session's row twice in the one step call, the second on silence), 1 and 16 sessions;
   cost = tick time / the unguided tick's.
+* decode modes: two engines of N sessions (1 and 16), unguided, one decoding each frame's expected
+  codes (the runtime's default, ``runtime/soft_decode.py``), the other the picked tokens' codes
+  (``decode="tokens"``), ticked alternately (so warm-up and machine load fall on both alike);
+  cost = the expected-code tick's p50 / the tokens tick's.
 * paged / concat / recompute, per frame, transformer only (decode is the same for all three):
   paged = build_page_table + gather + step + begin_step + append; concat = torch.cat of every past
   K/V (no window, grows without bound) + the same step maths over all of it; recompute exact = no
@@ -96,6 +100,26 @@ def bench_sessions(backend, n_sessions, ticks, refine=0, guidance=1.0):
     eng.close()
     return {"sessions": n_sessions, "ticks": ticks, "tick_ms_p50": pct(times, 50), "tick_ms_p99": pct(times, 99),
             "fps_aggregate": n_sessions * len(times) / sum(times), "fps_per_session": len(times) / sum(times)}
+
+
+def bench_decode_modes(backend, n_sessions, ticks):
+    """Tick p50 of an engine decoding expected codes and one decoding the tokens' codes, alternately."""
+    engines, handles, times = {}, [], {"expected": [], "tokens": []}
+    for mode in times:
+        engines[mode] = eng = Engine(backend, max_sessions=n_sessions)
+        for i in range(n_sessions):
+            handles.append(eng.open_session(portrait(i), guidance=1.0, decode=mode))   # a dropped handle closes
+            handles[-1].push_audio(speech(SPF * (ticks + 3), i))
+        eng.tick()                                                 # warm-up
+    for _ in range(ticks):
+        for mode, eng in engines.items():
+            t = time.perf_counter()
+            assert eng.tick() == n_sessions
+            times[mode].append(time.perf_counter() - t)
+    for eng in engines.values():
+        eng.close()
+    out = {m: pct(t, 50) for m, t in times.items()}
+    return {"sessions": n_sessions, "ticks": ticks, "tick_ms_p50": out, "cost": out["expected"] / out["tokens"]}
 
 
 # ------------------------------------------------------------------ three caches
@@ -295,6 +319,11 @@ def main(argv=None) -> int:
         f"{n} session{'s' * (n > 1)} {r['tick_ms_p50']:.1f} ms ({r['tick_ms_p50'] / sess[n]['tick_ms_p50']:.2f}x "
         f"unguided, {r['fps_aggregate']:.1f} fps aggregate)" for n, r in guided.items()))
 
+    modes = {n: bench_decode_modes(backend, n, t) for n, t in ((1, 15 if q else 60), (16, 3 if q else 12))}
+    print("expected-code decoding (the default) against the tokens' codes, unguided, ticked alternately, p50: "
+          + " | ".join(f"{n} session{'s' * (n > 1)} {r['tick_ms_p50']['expected']:.1f} vs "
+                       f"{r['tick_ms_p50']['tokens']:.1f} ms ({r['cost']:.3f}x)" for n, r in modes.items()))
+
     ref = {k: bench_sessions(backend, 1, 15 if q else 60, refine=k) for k in (0, 1, 2, 3)}
     print("refinement, 1 session, tick p50: " + " | ".join(
         f"K={k} {r['tick_ms_p50']:.1f} ms ({r['tick_ms_p50'] / ref[0]['tick_ms_p50']:.2f}x)" for k, r in ref.items()))
@@ -339,10 +368,11 @@ def main(argv=None) -> int:
         "first_frame_ms": ff["first_frame_ms"],
         "guidance_cost": {str(n): r["tick_ms_p50"] / sess[n]["tick_ms_p50"] for n, r in guided.items()},
         "refine_cost": {str(k): r["tick_ms_p50"] / ref[0]["tick_ms_p50"] for k, r in ref.items()},
+        "expected_decode_cost": {str(n): r["cost"] for n, r in modes.items()},
         "details": {
             "model": "tiny preset, random init (untrained), fp32", "backend": "torch CPU, batch-invariant",
             "threads": torch.get_num_threads(), "quick": q, "sessions": sess, "guided_sessions": guided,
-            "guidance": DEFAULT_GUIDANCE, "refine": ref,
+            "guidance": DEFAULT_GUIDANCE, "refine": ref, "decode_modes": modes,
             "per_frame_ms": {"paged": paged_ms, "concat_at_end": concat_end_ms, "recompute_exact": rec_ms,
                              "recompute_approx_last_W": approx_ms, "paged_vs_recompute_approx": approx_ms / paged_ms},
             "paged_series_ms": [x * 1e3 for x in paged], "concat_series_ms": [x * 1e3 for x in concat],
