@@ -24,7 +24,7 @@ def add_model_options(p, backends: bool = True) -> None:
                         "default 1.5, measured best for tiny: runtime/guidance.py, docs/model-card.md)")
     p.add_argument("--decode", default=None, choices=("expected", "tokens"),
                    help="what each frame shows: 'expected' (default), every cell decoded from its code averaged under "
-                        "the model's probabilities (sharper lip-sync and higher PSNR, measured: runtime/soft_decode.py); "
+                        "the model's probabilities (measured closer to the truth: PSNR, visemes, pose; runtime/soft_decode.py); "
                         "'tokens', the chosen tokens' codes (as before 2026-12-06)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for --random-init, sampling and idle motion (default 0)")
