@@ -400,11 +400,26 @@ def quantize_graph(src: Path, dst: Path, calib: CalibrationSet, precision: str, 
 
 
 # ------------------------------------------------------------------ the folder
-def _copy_fp32(onnx_dir: Path, out: Path, manifest: dict) -> None:
+def _same_model_quantized(out: Path, manifest: dict) -> dict:
+    """The ``quantized`` entries of an earlier run into ``out`` from the same model (weights and
+    config), whose files are still there: a second precision written into the same folder must not
+    unlist the first (int8, then fp8, into one --out)."""
+    try:
+        old = md.read_manifest(out)
+    except md.ArtifactError:
+        return {}
+    if (old.get("weights_sha256"), old.get("model_config")) != (manifest["weights_sha256"], manifest["model_config"]):
+        return {}
+    return {p: graphs for p, graphs in old.get("quantized", {}).items()
+            if all((out / g["file"]).is_file() for g in graphs.values())}
+
+
+def _copy_fp32(onnx_dir: Path, out: Path, manifest: dict, keep: dict | None = None) -> None:
+    """The source's fp32 graphs and manifest into ``out``, with ``keep`` as its ``quantized``."""
     out.mkdir(parents=True, exist_ok=True)
     for entry in manifest["files"].values():
         shutil.copy2(onnx_dir / entry["file"], out / entry["file"])
-    md.write_manifest(out, manifest)
+    md.write_manifest(out, {**manifest, "quantized": keep} if keep else manifest)
 
 
 def quantize(onnx_dir, calib_dir, precision: str, out=None, *, method: str | None = None, target_sm=None,
@@ -442,7 +457,8 @@ def quantize(onnx_dir, calib_dir, precision: str, out=None, *, method: str | Non
         sets[kind] = load_calibration(calib_dir, kind, expect_weights=manifest["weights_sha256"],
                                       expect_config=manifest["model_config"], expect_inputs=entry["inputs"])
     if out.resolve() != onnx_dir.resolve():
-        _copy_fp32(onnx_dir, out, {k: v for k, v in manifest.items() if k != "quantized"})
+        _copy_fp32(onnx_dir, out, {k: v for k, v in manifest.items() if k != "quantized"},
+                   keep=_same_model_quantized(out, manifest))
         manifest = md.read_manifest(out)
     import onnxruntime
     results = {}

@@ -236,7 +236,7 @@ def format_markdown(r: dict) -> str:
     rows = [("token agreement (same inputs)", _fmt(m["token_agreement"], ".4f"), t["token_agreement"]),
             ("K/V relative error (mean / max)", f"{_fmt(m['kv_rel_error_mean'], '.3g')} / {_fmt(m['kv_rel_error_max'], '.3g')}", None),
             ("logits SQNR dB (mean)", _fmt(m["logits_sqnr_db_mean"], ".1f"), None),
-            ("decoder PSNR dB (same tokens)", _fmt(m["decoder_psnr_db"], ".2f"), t["decoder_psnr_db"]),
+            ("decoder PSNR dB (same codes)", _fmt(m["decoder_psnr_db"], ".2f"), t["decoder_psnr_db"]),
             ("stream PSNR dB (free-running; reported, not gated)", _fmt(m["stream_psnr_db"], ".2f"), None),
             (f"lip-sync r fp32 / {p}", f"{_fmt(m['lipsync_r_fp32'], '.3f')} / {_fmt(m[f'lipsync_r_{p}'], '.3f')}", None),
             ("lip-sync relative delta", _fmt(m["lipsync_rel_delta"], ".3f"), t["lipsync_rel_delta"])]
@@ -265,7 +265,7 @@ def _plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     cap = lambda xs: [60.0 if x is None else min(60.0, x) for x in xs]   # noqa: E731  (inf plotted at 60)
-    a.plot(cap(r["per_frame"]["decoder_psnr_db"]), label="decoder, same tokens", lw=0.8)
+    a.plot(cap(r["per_frame"]["decoder_psnr_db"]), label="decoder, same codes", lw=0.8)
     a.plot(cap(r["per_frame"]["stream_psnr_db"]), label="free-running stream", lw=0.8)
     a.axhline(TARGETS["psnr_db"], color="k", ls="--", lw=0.6, label="target")
     a.set_xlabel("frame (clips concatenated)")

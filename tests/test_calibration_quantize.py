@@ -174,6 +174,23 @@ def test_fp8_refused_below_sm89_and_built_otherwise(setup, tmp_path):
     assert 0 <= e["metrics"]["token_agreement"] <= 1           # measured on ORT CPU, whatever it shows
 
 
+def test_a_second_precision_into_the_same_folder_keeps_the_first(setup, tmp_path):
+    """int8 then fp8 into one --out: the manifest lists both (it used to keep only the last)."""
+    _, onnx_dir, calib = setup
+    out = tmp_path / "q"
+    quantize(onnx_dir, calib, "int8", out, graphs=("step",), max_rounds=0)
+    quantize(onnx_dir, calib, "fp8", out, target_sm=89, graphs=("step",), max_rounds=0)
+    q = md.read_manifest(out)["quantized"]
+    assert set(q) == {"int8", "fp8"}
+    assert q["int8"]["step"]["file"] == "step.int8.onnx" and q["fp8"]["step"]["file"] == "step.fp8.onnx"
+    assert q["int8"]["step"]["sha256"] == md.file_sha256(out / "step.int8.onnx")
+    # a folder quantized from another model keeps nothing of it
+    man = md.read_manifest(out)
+    md.write_manifest(out, {**man, "weights_sha256": "f" * 64})
+    quantize(onnx_dir, calib, "fp8", out, target_sm=89, graphs=("step",), max_rounds=0)
+    assert set(md.read_manifest(out)["quantized"]) == {"fp8"}
+
+
 def test_stale_calibration_data_is_refused(setup, tmp_path):
     _, onnx_dir, calib = setup
     stale = tmp_path / "stale"
