@@ -30,6 +30,7 @@ from eartalk.model.audio import StreamingAudioFrontend
 from eartalk.model.conditions import encode_controls
 from eartalk.model.config import CONTROLS
 from eartalk.model.gpt import sample
+from .soft_decode import DEFAULT_DECODE
 
 __all__ = ["Frame", "Session", "SessionClosedError", "StreamState"]
 
@@ -55,7 +56,7 @@ class StreamState:
 
     def __init__(self, sid: int, cfg, backend, pages, portrait_tokens: np.ndarray, ref: np.ndarray,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                 idle_motion: bool = True, refine: int = 0, guidance: float = 1.0, decode: str = "expected"):
+                 idle_motion: bool = True, refine: int = 0, guidance: float = 1.0, decode: str = DEFAULT_DECODE):
         if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
             raise ValueError(f"refine must be an int >= 0 (extra passes per frame; 0 = one pass), got {refine!r}")
         why = backend.refine_blocker() if refine else None

@@ -114,6 +114,7 @@ class FSQ(nn.Module):
         self.register_buffer("_basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0),
                              persistent=False)
         self.register_buffer("usage", torch.full((codebook_size,), 1.0 / codebook_size))
+        self.register_buffer("_table", code_table(codebook_size), persistent=False)   # [V, d], for lookup
 
     def _bounded(self, z):
         return torch.sigmoid(z) * (self._levels.view(1, -1, 1, 1) - 1).to(z.dtype)
@@ -129,7 +130,7 @@ class FSQ(nn.Module):
 
     def lookup(self, idx: torch.Tensor, grid: int) -> torch.Tensor:
         """``[B, N]`` indices -> normalised codes ``[B, d, g, g]``."""
-        return cells_to_grid(code_table(math.prod(self.levels)).to(idx.device)[idx], grid)
+        return cells_to_grid(self._table[idx], grid)
 
     def forward(self, z: torch.Tensor):
         """-> (normalised quantised codes with straight-through gradient, indices ``[B, N]``)."""
