@@ -5,7 +5,8 @@ import torch
 
 from eartalk.model.config import preset
 from eartalk.model.tokenizer import (FSQ, TokenizerDecode, TokenizerEncode, TokenizerReference,
-                                     VQTokenizer, code_table, fsq_levels, reconstruction_psnr, train_tokenizer)
+                                     VQTokenizer, code_table, collapse_floor, distinct_codes, fsq_levels,
+                                     reconstruction_psnr, train_tokenizer)
 
 
 def synthetic_clips(n_ids=4, per_id=24, size=32, seed=0):
@@ -145,6 +146,9 @@ def test_training_learns_what_changes(cfg, tmp_path):
     assert distinct >= 8, distinct                             # 96 frames, all different
     assert m["codebook"]["used"] >= 8 and m["codebook"]["perplexity"] > 4
     assert m["val_psnr"] == reconstruction_psnr(m["model"], x, p)      # val=(frames, portraits)
+    with torch.no_grad():
+        assert m["val_codes"] == len(set(m["model"].encode(x, p).flatten().tolist())) >= collapse_floor(16)
+    assert m["collapsed"] is False
     # the saved file reloads to the same model
     assert (tmp_path / "tokenizer_curves.png").stat().st_size > 0
     re = VQTokenizer.load(str(tmp_path / "tokenizer.safetensors"))
@@ -495,3 +499,32 @@ def test_a_decoder_without_the_warp_exports_without_grid_sample(tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "dec.onnx")).graph.node}
     assert "GridSample" not in ops and "Conv" in ops
     np.testing.assert_allclose(dec.run(None, {"codes": codes.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)
+
+
+def test_collapse_floor():
+    assert [collapse_floor(v) for v in (16, 64, 512, 4096)] == [2, 4, 32, 256]
+
+
+def test_distinct_codes_counts_the_tokens_of_a_set(cfg, tok):
+    x = torch.rand(70, 3, cfg.image_size, cfg.image_size)      # two batches of 64 and 6
+    p = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    index = np.arange(70) % 2
+    with torch.no_grad():
+        toks = tok.encode(x, p[index])
+    assert distinct_codes(tok, x, p, index) == len(set(toks.flatten().tolist()))
+
+
+def test_collapsed_codes_are_flagged(cfg):
+    """An encoder that puts every cell on one code (its last conv zeroed, lr 0 so it stays there)
+    is what a too-strong pair term made (session 26): the run must say so, not pass it on."""
+    frames, portraits, index = synthetic_clips(n_ids=2, per_id=8)
+    torch.manual_seed(0)
+    dead = VQTokenizer(cfg)
+    with torch.no_grad():
+        dead.encoder[-1].weight.zero_()
+        dead.encoder[-1].bias.zero_()
+    x, p = torch.from_numpy(frames), torch.from_numpy(portraits[index])
+    with pytest.warns(UserWarning, match="collapsed: the held-out frames use 1 of 16 codes"):
+        m = train_tokenizer(frames, portraits, cfg, steps=3, lr=0.0, batch=4, progress=False,
+                            portrait_index=index, tokenizer=dead, val=(x, p, None))
+    assert m["collapsed"] is True and m["val_codes"] == 1

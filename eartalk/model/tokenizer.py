@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -99,9 +100,11 @@ def code_table(codebook_size: int) -> torch.Tensor:
 class FSQ(nn.Module):
     """Finite scalar quantisation (Mentzer et al., 2023): each of ``d`` channels is squashed to
     ``[0, L_i - 1]`` and rounded, with a straight-through gradient; the code index is the mixed-radix
-    number of the rounded digits. No codebook to collapse, no auxiliary loss, no warm-up switch:
+    number of the rounded digits. No learned codebook, no auxiliary loss, no warm-up switch:
     quantisation is on from the first step (a learned VQ codebook lost its progress when it was
-    switched on after a continuous warm-up). ``usage`` is an EMA of code frequencies, for reports.
+    switched on after a continuous warm-up). The latents can still collapse onto a few codes when
+    a loss term pulls them together (the pair term at 0.05, session 26): ``train_tokenizer`` checks
+    for it. ``usage`` is an EMA of code frequencies, for reports.
     """
 
     def __init__(self, codebook_size: int, usage_decay: float = 0.99):
@@ -567,6 +570,26 @@ def reconstruction_psnr(tok: VQTokenizer, frames, portraits, portrait_index=None
 
 
 @torch.no_grad()
+def distinct_codes(tok: VQTokenizer, frames, portraits, portrait_index=None, batch: int = 64) -> int:
+    """How many different codes the tokens of a whole set of frames use."""
+    frames, portraits, index = _as_set(frames, portraits, portrait_index)
+    was = tok.training
+    tok.eval()
+    seen = torch.zeros(tok.cfg.codebook_size, dtype=torch.bool)
+    for i in range(0, len(frames), batch):
+        seen[tok.encode(frames[i:i + batch], portraits[index[i:i + batch]]).flatten()] = True
+    tok.train(was)
+    return int(seen.sum())
+
+
+def collapse_floor(codebook_size: int) -> int:
+    """Fewer distinct codes than this on held-out frames means the codes collapsed: a sixteenth of
+    the codebook (32 of 512). Collapsed runs used 7 to 23 codes (session 26, pair term); the most
+    constrained working run used 74 (the state-tied run, 2026-12-04)."""
+    return max(2, codebook_size // 16)
+
+
+@torch.no_grad()
 def state_token_accuracy(tok: VQTokenizer, frames, portraits, portrait_index, states, batch: int = 64) -> float:
     """Share of tokens (rows with a known state) that the state head predicts exactly: how much
     of a frame's code is a function of its face state, i.e. predictable from controls and audio."""
@@ -622,6 +645,11 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     given. Returns metrics of the last 10% of steps, codebook usage and the validation curve; the
     trained model is ``metrics["model"]``.
 
+    Codes collapse when a loss term (the pair term, the state pull) wins over reconstruction: the
+    held-out frames then use fewer than :func:`collapse_floor` codes (the training-time usage when
+    there is no ``val``). The progress bar says so at the first validation that sees it, and the run
+    ends with a warning and ``metrics["collapsed"] = True`` rather than passing a dead tokenizer on.
+
     ``next_frames`` ``[M, 3, S, S]``: frame ``i``'s successor in its clip; with ``pair_weight > 0``
     each batch is ``batch // 2`` such pairs and :meth:`VQTokenizer.loss` adds the frame-to-frame
     latent term (the portrait-against-itself samples are then left out).
@@ -675,6 +703,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     tail, curve, val_curve, t0 = [], [], [], time.time()
     last = steps - 1
     bar = tqdm(total=steps, desc="tokenizer", disable=not progress, unit="step")
+    floor, warned = collapse_floor(cfg.codebook_size), False
     for step in range(steps):
         # progress is steps or wall clock, whichever runs out first (the recipe has a time budget)
         frac = min(1.0, max(step / steps, (time.time() - t0) / budget))
@@ -718,6 +747,11 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         curve.append((step, rec["loss"], rec["psnr"]))
         if val is not None and step % val_every == 0 and step:
             val_curve.append((step, reconstruction_psnr(tok, *val)))
+            codes = distinct_codes(tok, *val)
+            if codes < floor and not warned:
+                warned = True
+                bar.write(f"tokenizer: the held-out frames use only {codes} of {cfg.codebook_size} codes at "
+                          f"step {step} (collapsed below {floor}); lower pair_weight / state_weight")
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}",
                         val=f"{val_curve[-1][1]:.1f}" if val_curve else "-",
@@ -729,8 +763,15 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     if val is not None:
         val_curve.append((last, reconstruction_psnr(tok, *val)))
         metrics["val_psnr"] = val_curve[-1][1]
+        metrics["val_codes"] = distinct_codes(tok, *val)
     metrics.update(codebook=tok.codebook_usage(), steps=last + 1, val_curve=val_curve,
                    minutes=round((time.time() - t0) / 60, 2))
+    codes = metrics.get("val_codes", metrics["codebook"]["used"])
+    metrics["collapsed"] = codes < floor
+    if metrics["collapsed"]:
+        where = "the held-out frames use" if "val_codes" in metrics else "training used"
+        warnings.warn(f"tokenizer codes collapsed: {where} {codes} of {cfg.codebook_size} codes (fewer than "
+                      f"{floor}); its frames carry next to nothing. Lower pair_weight / state_weight.", stacklevel=2)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         tok.save(os.path.join(out_dir, "tokenizer.safetensors"))
