@@ -6,9 +6,12 @@ through the streaming runtime:
 - **pinned run**: every non-audio control (yaw, pitch, roll, gaze_x, gaze_y, blink, emotion) is
   pinned to the clip's ground truth at every frame (``session.control(at_frame=t, ...)``).
   Gives PSNR / SSIM against the renderer's own frames, and control fidelity read by the probe:
-  yaw/pitch MAE (degrees; every frame's pin is a change, measured on the frame it applies to),
+  yaw/pitch/roll MAE (degrees; every frame's pin is a change, measured on the frame it applies to),
+  gaze MAE (mean over gaze_x and gaze_y, in the controls' own units: the eye's free travel is -1..1),
   blink (probe's eyes-closed == pinned blink >= 0.5) on every frame and on the first frame after
-  each open/closed switch, emotion recognised (target: >= 90 % of frames).
+  each open/closed switch, emotion recognised (target: >= 90 % of frames). Where the pinned frames
+  lose their PSNR is drawn as a map (``<report>.error.png``: mean squared error per pixel, the model
+  beside its tokenizer and their difference).
 - **free run**: no controls (the runtime's idle motion in silence, as in the product). Gives
   lip-sync: Pearson r of the probe's mouth openness with the ground truth, viseme accuracy.
 - **drift**: one clip's audio looped to ``frames_drift`` frames, controls free; cosine distance of
@@ -113,11 +116,11 @@ def _control_metrics(pred: dict, lab: dict) -> dict:
     switch[1:] = closed[1:] != closed[:-1]
     switch &= np.asarray(lab["first"]) == 0            # not across a clip boundary
     ok_blink = pred["blink"].astype(bool) == closed
-    yaw = float(np.mean(np.abs(pred["yaw"] - lab["yaw"])))
-    pitch = float(np.mean(np.abs(pred["pitch"] - lab["pitch"])))
+    mae = lambda k: float(np.mean(np.abs(pred[k] - lab[k])))        # noqa: E731
     emo = float(np.mean(pred["emotion"] == lab["emotion"]))
     return {
-        "yaw_mae_deg": yaw, "pitch_mae_deg": pitch,
+        "yaw_mae_deg": mae("yaw"), "pitch_mae_deg": mae("pitch"), "roll_mae_deg": mae("roll"),
+        "gaze_mae": (mae("gaze_x") + mae("gaze_y")) / 2,
         "blink_accuracy": float(np.mean(ok_blink)),
         "blink_next_frame_accuracy": float(np.mean(ok_blink[switch])) if switch.any() else math.nan,
         "blink_switches": int(switch.sum()),
@@ -150,6 +153,36 @@ def _frames_of(backend, portrait, audio, timeline=(), seed=0, keep=None, on_fram
     finally:
         engine.close()
     return kept
+
+
+def pixel_mse(frames: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, H, W, 3]`` against the truth -> the sum over frames of each pixel's squared
+    error, averaged over RGB: float64 ``[H, W]`` (divide by n for the mean)."""
+    frames, truth = np.asarray(frames), np.asarray(truth)
+    if frames.shape != truth.shape or frames.ndim != 4:
+        raise ValueError(f"frames and truth must both be [n, H, W, C], got {frames.shape} and {truth.shape}")
+    return ((frames.astype(np.float64) - truth) ** 2).mean(-1).sum(0)
+
+
+def _plot_error_map(path: Path, model: np.ndarray, tok: np.ndarray | None, n: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(model, "model, controls pinned")]
+    if tok is not None:
+        panels += [(tok, "tokenizer (the truth encoded, decoded)"), (model - tok, "model - tokenizer")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    top = float(np.quantile(model, 0.99)) or 1.0
+    for ax, (img, name) in zip(axes[0], panels):
+        diff = name.startswith("model -")
+        im = ax.imshow(img, cmap="RdBu_r" if diff else "magma", vmin=-top if diff else 0, vmax=top)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{title}: mean squared error per pixel over {n} frames (0-255 scale)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _probe(probe, frames) -> dict:
@@ -347,6 +380,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     recon, r_psnrs, r_ssims = [], [], []
     first = None
     sheet_rows, sheet_at = [], []          # the middle frame of the first clips, to look at
+    err_model, err_tok, err_n = 0.0, 0.0, 0   # per-pixel squared error of the pinned run / tokenizer
     try:
         for cid in tqdm(ids, desc=f"eval {split}", unit="clip", disable=not progress, file=sys.stderr):
             clip = load_clip(data, cid)
@@ -366,7 +400,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
             gen_free = _frames_of(backend, portrait, clip.audio, (), seed, refine=refine, guidance=guidance,
                                   decode=decode)
             m = min(n, len(gen_pinned), len(gen_free))
-            lab = {k: np.asarray(clip.gt[k])[:m] for k in ("yaw", "pitch", "blink", "emotion", "mouth_open", "viseme")}
+            lab = {k: np.asarray(clip.gt[k])[:m] for k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink",
+                                                           "emotion", "mouth_open", "viseme")}
             lab["first"] = (np.arange(m) == 0).astype(np.int64)
             p_pin, p_free, p_gt = _probe(probe, gen_pinned[:m]), _probe(probe, gen_free[:m]), _probe(probe, gt_frames[:m])
             pinned.append(p_pin), free.append(p_free), truth.append(p_gt), labels.append(lab)
@@ -376,6 +411,9 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                 recon.append(_probe(probe, rec))
                 r_psnrs += [psnr(a, b) for a, b in zip(rec, gt_frames)]
                 r_ssims += [ssim(a, b) for a, b in zip(rec, gt_frames)]
+                err_tok = err_tok + pixel_mse(rec[:m], gt_frames[:m])
+            err_model = err_model + pixel_mse(np.stack(gen_pinned[:m]), gt_frames[:m])
+            err_n += m
             psnrs += c_psnr[:m]
             ssims += c_ssim[:m]
             per_clip.append({"clip": cid, "frames": m, "psnr_db": _mean_psnr(c_psnr[:m]), "ssim": float(np.mean(c_ssim[:m])),
@@ -415,6 +453,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     plot = out.with_name(out.stem + ".drift.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot_drift(drift, plot, drift_pinned)
+    error_plot = out.with_name(out.stem + ".error.png")
+    _plot_error_map(error_plot, err_model / err_n, err_tok / err_n if recon else None, err_n, f"{model}, {split} split")
     sheet = out.with_name(out.stem + ".frames.png")
     columns = ["portrait", "ground truth", "controls pinned", "controls free", "tokenizer"][:len(sheet_rows[0])]
     save_frame_sheet(sheet, sheet_rows, columns, [f"{a['clip']}\nframe {a['frame']}" for a in sheet_at],
@@ -430,6 +470,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,
         "frames_sheet": {"plot": str(sheet), "columns": columns,
                          "rows": sheet_at},
+        "error_map": {"plot": str(error_plot), "frames": int(err_n), "model_mse": float(np.mean(err_model) / err_n),
+                      "tokenizer_mse": float(np.mean(err_tok) / err_n) if recon else None},
         "drift": {**drift, "plot": str(plot)}, "drift_pinned": {**drift_pinned, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
         "notes": ["ceiling = the same probe on the ground-truth renders (psnr/ssim of the renders with "
                   "themselves: inf / 1); control metrics from the pinned run, lip-sync from the free run",
@@ -474,6 +516,7 @@ def _jsonable(o):
 ROWS = (("psnr_db", "PSNR (dB), pinned", ".2f"), ("ssim", "SSIM, pinned", ".4f"),
         ("mouth_open_pearson_r", "mouth openness r, free", ".3f"), ("viseme_accuracy", "viseme accuracy, free", ".3f"),
         ("yaw_mae_deg", "yaw MAE (deg), pinned", ".2f"), ("pitch_mae_deg", "pitch MAE (deg), pinned", ".2f"),
+        ("roll_mae_deg", "roll MAE (deg), pinned", ".2f"), ("gaze_mae", "gaze MAE (travel -1..1), pinned", ".3f"),
         ("blink_accuracy", "blink obeyed, all frames", ".3f"),
         ("blink_next_frame_accuracy", "blink obeyed, frame after a switch", ".3f"),
         ("emotion_accuracy", f"emotion recognised (target >= {EMOTION_TARGET:.0%})", ".3f"),

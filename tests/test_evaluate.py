@@ -11,7 +11,7 @@ import torch
 from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
 from eartalk.evaluate import (drift_checkpoints, drift_windows, looped_audio, looped_timeline, pearson,
-                               pinned_timeline, psnr, ssim)
+                               pinned_timeline, pixel_mse, psnr, ssim)
 from eartalk.model.bundle import new_bundle, save_bundle
 from eartalk.model.config import CONTROLS, EMOTIONS, preset
 
@@ -140,7 +140,7 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     ids = list_clips(d, split)
     assert rep["clips"] == ids and len(rep["per_clip"]) == len(ids)
     keys = {"psnr_db", "ssim", "mouth_open_pearson_r", "viseme_accuracy", "yaw_mae_deg", "pitch_mae_deg",
-            "blink_accuracy", "blink_next_frame_accuracy", "emotion_accuracy", "emotion_target_met",
+            "roll_mae_deg", "gaze_mae", "blink_accuracy", "blink_next_frame_accuracy", "emotion_accuracy", "emotion_target_met",
             "drift_slope_per_1000_frames", "drift_ratio"}
     assert keys <= set(rep["metrics"]) and keys <= set(rep["ceiling"])
     assert 0 < rep["metrics"]["psnr_db"] < 100 and -1 <= rep["metrics"]["ssim"] < 1
@@ -151,6 +151,13 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     sheet = rep["frames_sheet"]        # the middle frame of the first clips, to look at
     assert sheet["plot"] == str(tmp_path / "ev" / "report.frames.png") and "report.frames.png" in printed
     assert (tmp_path / "ev" / "report.frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = rep["error_map"]             # where the pinned frames lose: per-pixel squared error
+    assert err["plot"] == str(tmp_path / "ev" / "report.error.png") and "report.error.png" in printed
+    assert (tmp_path / "ev" / "report.error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert err["frames"] == rep["frames"] and err["model_mse"] > 0 and err["tokenizer_mse"] > 0
+    # a frame's pooled MSE is what its PSNR was made from: the map's mean over frames agrees
+    per_frame_mse = [255.0 ** 2 / 10 ** (c["psnr_db"] / 10) for c in rep["per_clip"]]
+    assert min(per_frame_mse) * 0.5 < err["model_mse"] < max(per_frame_mse) * 2
     assert sheet["columns"] == ["portrait", "ground truth", "controls pinned", "controls free", "tokenizer"]
     assert sheet["rows"] == [{"clip": c["clip"], "frame": c["frames"] // 2} for c in rep["per_clip"][:4]]
     assert drift["curve_frames"][0] == 1 and drift["curve"][0] == pytest.approx(0, abs=1e-6)
@@ -181,6 +188,10 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert rep["ceiling"]["viseme_accuracy"] == pytest.approx(np.mean(p["viseme"] == gt["viseme"]))
     assert rep["ceiling"]["mouth_open_pearson_r"] == pytest.approx(pearson(p["mouth_open"], gt["mouth_open"]))
     assert rep["ceiling"]["yaw_mae_deg"] == pytest.approx(np.mean(np.abs(p["yaw"] - gt["yaw"])), rel=1e-5)
+    gl = {k: np.concatenate([load_clip(d, c, frames=False).gt[k] for c in ids]) for k in ("roll", "gaze_x", "gaze_y")}
+    assert rep["ceiling"]["roll_mae_deg"] == pytest.approx(np.mean(np.abs(p["roll"] - gl["roll"])), rel=1e-5)
+    assert rep["ceiling"]["gaze_mae"] == pytest.approx(
+        (np.mean(np.abs(p["gaze_x"] - gl["gaze_x"])) + np.mean(np.abs(p["gaze_y"] - gl["gaze_y"]))) / 2, rel=1e-5)
     assert rep["ceiling"]["emotion_accuracy"] == pytest.approx(np.mean(p["emotion"] == gt["emotion"]))
 
     # the tokenizer ceiling: the same probe on the truth encoded and decoded by the bundle's tokenizer
@@ -220,3 +231,14 @@ def test_eval_errors_are_clear(corpus, tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json"),
                  "--model", "test", "--random-init"]) == 2
     assert "corpus directory not found" in capsys.readouterr().err
+
+
+def test_pixel_mse_sums_each_pixels_squared_error_over_frames():
+    truth = np.zeros((2, 2, 2, 3), np.uint8)      # 2 frames of 2x2 RGB
+    frames = truth.copy()
+    frames[0, 0, 1] = (3, 0, 0)              # frame 0, pixel (0, 1): squared errors 9, 0, 0 -> 3
+    frames[1, 0, 1] = (0, 6, 0)              # frame 1, same pixel: 36 / 3 = 12
+    frames[1, 1, 0] = 255                    # frame 1, pixel (1, 0): 255^2
+    np.testing.assert_array_equal(pixel_mse(frames, truth), [[0, 15], [255.0 ** 2, 0]])
+    with pytest.raises(ValueError, match=r"\[n, H, W, C\]"):
+        pixel_mse(frames[:, :1], truth)

@@ -9,9 +9,10 @@ by the shipped probe (trained on rendered ground truth only).
 
 Per clip, the model gets the clip's portrait and speech through the streaming runtime:
   pinned run  every non-audio control pinned to the ground truth at every frame ->
-              PSNR / SSIM against the renderer's frames; yaw/pitch MAE (degrees), blink obeyed
-              (every frame, and the first frame after each open/closed switch), emotion
-              recognised by the probe (target >= 90 % of frames)
+              PSNR / SSIM against the renderer's frames; yaw/pitch/roll MAE (degrees), gaze
+              MAE (the eye's travel, -1..1), blink obeyed (every frame, and the first frame
+              after each open/closed switch), emotion recognised by the probe (target >= 90 %
+              of frames)
   free run    controls free -> lip-sync: mouth-openness Pearson r, viseme accuracy
   drift       the first clip's audio looped to --frames-drift frames (each loop fitted to the
               clip's frames, so it stays in step with the looped truth): identity-embedding
@@ -24,7 +25,9 @@ model's and stored under "ceiling" in the report. With the torch backend, the sa
 ground truth encoded and decoded by the model's own tokenizer are printed too ("tokenizer", stored
 under "tokenizer_ceiling"): what a perfect transformer would score with this tokenizer.
 <report>.frames.png shows the middle frame of the first 4 clips to look at: portrait, ground truth,
-controls pinned, controls free (and the tokenizer's reconstruction of the truth). Drift costs 2 x frames-drift / fps seconds
+controls pinned, controls free (and the tokenizer's reconstruction of the truth).
+<report>.error.png maps where the pinned frames lose their PSNR: mean squared error per pixel of
+the model, of its tokenizer, and their difference. Drift costs 2 x frames-drift / fps seconds
 (10,000 frames at ~20 fps: ~16 minutes on tiny).
 
 --backend onnxruntime --onnx-dir DIR [--precision int8] evaluates the exported (or quantized)
@@ -63,5 +66,6 @@ def run(args) -> int:
         if backend is not None:
             backend.close()
     print(format_table(rep))
-    print(f"wrote {args.out}, {rep['drift']['plot']} and {rep['frames_sheet']['plot']} in {rep['seconds']:.0f} s")
+    print(f"wrote {args.out}, {rep['drift']['plot']}, {rep['frames_sheet']['plot']} and {rep['error_map']['plot']} "
+          f"in {rep['seconds']:.0f} s")
     return 0
