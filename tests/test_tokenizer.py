@@ -5,7 +5,7 @@ import torch
 
 from eartalk.model.config import preset
 from eartalk.model.tokenizer import (FSQ, TokenizerDecode, TokenizerEncode, TokenizerReference,
-                                     VQTokenizer, code_table, collapse_floor, distinct_codes, fsq_levels,
+                                     VQTokenizer, code_table, collapse_floor, fsq_levels, held_out_scores,
                                      reconstruction_psnr, train_tokenizer)
 
 
@@ -505,13 +505,16 @@ def test_collapse_floor():
     assert [collapse_floor(v) for v in (16, 64, 512, 4096)] == [2, 4, 32, 256]
 
 
-def test_distinct_codes_counts_the_tokens_of_a_set(cfg, tok):
+def test_held_out_scores_count_the_codes_of_a_set(cfg, tok):
     x = torch.rand(70, 3, cfg.image_size, cfg.image_size)      # two batches of 64 and 6
     p = torch.rand(2, 3, cfg.image_size, cfg.image_size)
     index = np.arange(70) % 2
     with torch.no_grad():
         toks = tok.encode(x, p[index])
-    assert distinct_codes(tok, x, p, index) == len(set(toks.flatten().tolist()))
+        mse = float(((tok.reconstruct(x, p[index]) - x) ** 2).mean())
+    psnr, codes = held_out_scores(tok, x, p, index)
+    assert codes == len(set(toks.flatten().tolist()))
+    assert psnr == pytest.approx(-10 * np.log10(mse), rel=1e-6) and psnr == reconstruction_psnr(tok, x, p, index)
 
 
 def test_collapsed_codes_are_flagged(cfg):

@@ -553,33 +553,29 @@ def _as_set(frames, portraits, portrait_index):
 
 
 @torch.no_grad()
-def reconstruction_psnr(tok: VQTokenizer, frames, portraits, portrait_index=None, batch: int = 64) -> float:
-    """PSNR (dB) of encode -> decode over a whole set of frames (MSE pooled over all pixels)."""
+def held_out_scores(tok: VQTokenizer, frames, portraits, portrait_index=None, batch: int = 64) -> tuple[float, int]:
+    """One encode -> decode pass over a whole set of frames -> (PSNR in dB, MSE pooled over all
+    pixels; how many different codes its tokens use), the two things a validation checks."""
     frames, portraits, index = _as_set(frames, portraits, portrait_index)
     was = tok.training
     tok.eval()
     se, n = 0.0, 0
+    seen = torch.zeros(tok.cfg.codebook_size, dtype=torch.bool)
     for i in range(0, len(frames), batch):
         x = _to_float01(frames[i:i + batch])
         p = _to_float01(portraits[index[i:i + batch]])
-        y = tok.reconstruct(x, p)
+        tokens = tok.encode(x, p)
+        seen[tokens.flatten()] = True
+        y = tok.decode(tokens, tok.reference(p))
         se += float(((y - x) ** 2).sum())
         n += x.numel()
     tok.train(was)
-    return float(-10 * math.log10(max(se / max(n, 1), 1e-10)))
+    return float(-10 * math.log10(max(se / max(n, 1), 1e-10))), int(seen.sum())
 
 
-@torch.no_grad()
-def distinct_codes(tok: VQTokenizer, frames, portraits, portrait_index=None, batch: int = 64) -> int:
-    """How many different codes the tokens of a whole set of frames use."""
-    frames, portraits, index = _as_set(frames, portraits, portrait_index)
-    was = tok.training
-    tok.eval()
-    seen = torch.zeros(tok.cfg.codebook_size, dtype=torch.bool)
-    for i in range(0, len(frames), batch):
-        seen[tok.encode(frames[i:i + batch], portraits[index[i:i + batch]]).flatten()] = True
-    tok.train(was)
-    return int(seen.sum())
+def reconstruction_psnr(tok: VQTokenizer, frames, portraits, portrait_index=None, batch: int = 64) -> float:
+    """PSNR (dB) of encode -> decode over a whole set of frames (MSE pooled over all pixels)."""
+    return held_out_scores(tok, frames, portraits, portrait_index, batch)[0]
 
 
 def collapse_floor(codebook_size: int) -> int:
@@ -746,8 +742,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         tail = tail[-max(1, steps // 10):]
         curve.append((step, rec["loss"], rec["psnr"]))
         if val is not None and step % val_every == 0 and step:
-            val_curve.append((step, reconstruction_psnr(tok, *val)))
-            codes = distinct_codes(tok, *val)
+            val_psnr, codes = held_out_scores(tok, *val)
+            val_curve.append((step, val_psnr))
             if codes < floor and not warned:
                 warned = True
                 bar.write(f"tokenizer: the held-out frames use only {codes} of {cfg.codebook_size} codes at "
@@ -761,9 +757,9 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     keys = dict.fromkeys(k for t in tail for k in t)     # a batch without ground truth has no state terms
     metrics = {k: float(np.mean([t[k] for t in tail if k in t])) for k in keys}
     if val is not None:
-        val_curve.append((last, reconstruction_psnr(tok, *val)))
-        metrics["val_psnr"] = val_curve[-1][1]
-        metrics["val_codes"] = distinct_codes(tok, *val)
+        val_psnr, metrics["val_codes"] = held_out_scores(tok, *val)
+        val_curve.append((last, val_psnr))
+        metrics["val_psnr"] = val_psnr
     metrics.update(codebook=tok.codebook_usage(), steps=last + 1, val_curve=val_curve,
                    minutes=round((time.time() - t0) / 60, 2))
     codes = metrics.get("val_codes", metrics["codebook"]["used"])
