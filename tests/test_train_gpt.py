@@ -158,6 +158,7 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     assert json.loads((out / "work/tokenizer_report.json").read_text())["val_psnr"] == tok["val_psnr"]
     rep = gpt_stage("smoke", corpus, out, progress=False)
     assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])
+    assert np.isfinite(rep["readout_loss"]) and rep["readout"]["held_out"]   # the smoke recipe's read-out term
     bundle = load_bundle(out)                       # hash and config checked
     # the smoke recipe trains refinement, a frame code and a decoder without the warp
     assert bundle.cfg == preset("test", refine=True, frame_codes=1, warp=False)
@@ -375,3 +376,33 @@ def test_drafted_windows_read_their_known_targets_and_are_scored_on_the_hidden_o
         assert abs(plain - want) > 1e-3                 # the draft and the scoring did change the loss
     with pytest.raises(ValueError, match="refine=True"):
         gpt_loss(new_bundle(preset("test")), b, draft_prob=0.5)
+
+
+def test_the_readout_term_trains_the_transformer_through_its_expected_codes_and_resumes_with_its_readout(tmp_path):
+    from eartalk.model.control_readout import digit_values, expected_digit_values, readout_loss
+    from eartalk.model.train_gpt import gpt_loss, make_batch, train_gpt
+    cfg = preset("test")
+    data = _clips(cfg)
+    kw = dict(minutes=10.0, batch=2, T=6, progress=False, readout_weight=1.0, readout_steps=20)
+    first = train_gpt(new_bundle(cfg, seed=0), data, [], tmp_path, max_steps=3, **kw)
+    ro = first["readout"]
+    assert ro["steps"] == 20 and not ro["held_out"] and ro["train_frames"] == 20 + 34   # clip 1 has no ground truth
+    assert np.isfinite(first["readout_loss"])
+    st = torch.load(tmp_path / "gpt_ckpt.pt", weights_only=True)
+    assert json.loads(st["readout_report"]) == ro
+    # resumed: the same read-out from the checkpoint, not a new fit
+    more = train_gpt(new_bundle(cfg, seed=1), data, [], tmp_path, max_steps=5, **kw)
+    assert more["steps"] == 5 and more["readout"] == ro
+    again = torch.load(tmp_path / "gpt_ckpt.pt", weights_only=True)
+    assert all(torch.equal(again["readout"][k], v) for k, v in st["readout"].items())
+    # the term reaches the transformer: its gradient on the output head is not zero
+    from eartalk.model.control_readout import ControlReadout
+    bundle, head = new_bundle(cfg, seed=0), ControlReadout(cfg)
+    head.load_state_dict(st["readout"])
+    b = make_batch(bundle, data, 2, 4, 0.0, np.random.default_rng(0))
+    ce, digits = gpt_loss(bundle, b, return_digits=True)
+    assert torch.allclose(ce, gpt_loss(bundle, b))
+    loss = readout_loss(head, expected_digit_values(digits, head.levels), digit_values(b.portrait, head.levels),
+                        b.cond, b.mask)
+    loss.backward()
+    assert bundle.gpt.ln_f.weight.grad.abs().sum() > 0

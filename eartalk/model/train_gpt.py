@@ -26,6 +26,8 @@ from eartalk.model.audio import LogMel
 from eartalk.model.bundle import ModelBundle
 from eartalk.model.conditions import controls_from_gt, encode_controls
 from eartalk.model.config import CONTROLS
+from eartalk.model.control_readout import (ControlReadout, digit_values, expected_digit_values, readout_loss,
+                                           train_readout)
 from eartalk.model.face_state import MOUTH_GT
 from eartalk.model.precision import resolve_bf16, train_autocast
 
@@ -303,7 +305,7 @@ def draft_mask(B: int, T: int, N: int, draft_prob: float, gen: torch.Generator |
 def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
              gen: torch.Generator | None = None, bf16: bool = False, change_weight: float = 1.0,
              portrait_share: float = 0.0, plausible: bool = False, stale_prob: float = 0.0,
-             draft_prob: float = 0.0) -> torch.Tensor:
+             draft_prob: float = 0.0, return_digits: bool = False):
     """Token cross-entropy of teacher forcing. ``corrupt``: the fraction of *input* tokens (the
     previous frames the model reads) replaced by random codes, or a range ``(lo, hi)`` from which
     each window draws its own fraction; the targets stay clean. When streaming, the model reads its
@@ -319,7 +321,9 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
     history (``stale``/``stale_prev``, see :func:`stale_history`) instead of their own frames,
     before the corruption. ``draft_prob`` (models with ``cfg.refine``): the share of windows whose
     frames get part of their own targets as a known draft (:func:`draft_mask`); the loss then
-    counts only the tokens left to predict, as a refinement pass does."""
+    counts only the tokens left to predict, as a refinement pass does. ``return_digits``: return
+    (loss, the per-digit logits [B,T,N,sum(levels)]) for a term on the predicted codes
+    (:mod:`eartalk.model.control_readout`)."""
     toks, prev, port, aud, cond, mask = b[:6]
     inp, prev_in = toks, prev
     if stale_prob > 0:
@@ -340,12 +344,14 @@ def gpt_loss(bundle: ModelBundle, b, corrupt: float | tuple[float, float] = 0.0,
                                           draft=None if known is None else toks, draft_known=known)
     ce = bundle.gpt.code_nll(digits, toks)                   # [B,T,N], float32
     if change_weight == 1.0 and known is None:
-        return ce.mean()
-    before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
-    w = torch.where(toks != before, change_weight, 1.0)
-    if known is not None:
-        w = w * (~known)
-    return (ce * w).sum() / w.sum().clamp_min(1.0)
+        loss = ce.mean()
+    else:
+        before = torch.cat([prev[:, None], toks[:, :-1]], dim=1)
+        w = torch.where(toks != before, change_weight, 1.0)
+        if known is not None:
+            w = w * (~known)
+        loss = (ce * w).sum() / w.sum().clamp_min(1.0)
+    return (loss, digits) if return_digits else loss
 
 
 def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens], out_dir: Path,
@@ -354,11 +360,15 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               progress: bool = True, resume: bool = True, corrupt: float | tuple[float, float] = 0.1,
               bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
               mouth_weight: float = 0.0, portrait_share: float = 0.0, plausible: bool = False,
-              stale_prob: float = 0.0, draft_prob: float = 0.0) -> dict:
+              stale_prob: float = 0.0, draft_prob: float = 0.0, readout_weight: float = 0.0,
+              readout_steps: int = 1500) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
-    to the token cross-entropy; 0 trains on tokens alone. ``draft_prob``: see :func:`gpt_loss`
+    to the token cross-entropy; 0 trains on tokens alone. ``readout_weight``: weight of the control
+    read-out term on the predicted codes (:mod:`eartalk.model.control_readout`; its read-out is first
+    fitted for ``readout_steps`` on the true codes of ``train``, outside the time budget, and kept in
+    the checkpoint); 0: none. ``draft_prob``: see :func:`gpt_loss`
     (refinement; validation stays draft-free, the first pass). ``bf16``: autocast the training forward
     (default: where the CPU has native bf16, :func:`eartalk.model.precision.bf16_native`)."""
     bf16 = resolve_bf16(bf16)
@@ -371,7 +381,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     ckpt = out_dir / "gpt_ckpt.pt"
-    hist = {"step": [], "loss": [], "mouth": [], "val_step": [], "val_loss": []}
+    hist = {"step": [], "loss": [], "mouth": [], "readout": [], "val_step": [], "val_loss": []}
+    readout, readout_report, st = None, None, {}
     step, spent = 0, 0.0
     if resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
@@ -381,7 +392,18 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
             head.load_state_dict(st["mouth_head"])
         opt.load_state_dict(st["opt"])
         step, spent = int(st["step"]), float(st["spent"])
-        hist = {"mouth": [], **json.loads(st["hist"])}
+        hist = {"mouth": [], "readout": [], **json.loads(st["hist"])}
+    if readout_weight > 0:
+        if "readout" in st:   # the resumed run scores against the same read-out
+            readout = ControlReadout(bundle.cfg)
+            readout.load_state_dict(st["readout"])
+            readout.eval().requires_grad_(False)
+            readout_report = json.loads(st["readout_report"])
+        else:
+            t_ro = time.time()
+            readout, readout_report = train_readout(bundle.cfg, train, val, steps=readout_steps, seed=seed,
+                                                    progress=progress)
+            readout_report["minutes"] = round((time.time() - t_ro) / 60, 2)
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 1000003 + step)
     budget = minutes * 60
@@ -398,12 +420,18 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         for g in opt.param_groups:  # warm-up then cosine over the time budget
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
         b = make_batch(bundle, train, batch, T, drop_prob, rng, start_prob)
-        ce = loss = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob,
-                             draft_prob)
+        ce, digits = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob,
+                              draft_prob, return_digits=True)
+        loss = ce
+        if readout is not None:
+            ro = readout_loss(readout, expected_digit_values(digits, readout.levels),
+                              digit_values(b.portrait, readout.levels), b.cond, b.mask)
+            hist["readout"].append(ro.item())
+            loss = loss + readout_weight * ro
         if mouth_weight > 0:
             aux = mouth_loss(head, b)
             hist["mouth"].append(aux.item())
-            loss = ce + mouth_weight * aux
+            loss = loss + mouth_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -420,16 +448,19 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
                 hist["val_loss"].append(_val_loss(bundle, vbatches))
             # the time saved is the time reported: a resumed run that trains no further reports the same
             spent = time.time() - t0
+            extra = {"readout": readout.state_dict(), "readout_report": json.dumps(readout_report)} if readout else {}
             torch.save({"gpt": bundle.gpt.state_dict(), "audio": bundle.audio.state_dict(),
                         "mouth_head": head.state_dict(), "opt": opt.state_dict(), "step": step, "spent": spent,
-                        "hist": json.dumps(hist)}, ckpt)
+                        "hist": json.dumps(hist), **extra}, ckpt)
     bar.close()
     bundle.eval()
     plot_curves(hist, out_dir / "gpt_curves.png")
     return {"steps": step, "minutes": round(spent / 60, 2),
             "train_loss": float(np.mean(hist["loss"][-50:])) if hist["loss"] else None,
             "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None,
-            "mouth_loss": float(np.mean(hist["mouth"][-50:])) if hist["mouth"] else None}
+            "mouth_loss": float(np.mean(hist["mouth"][-50:])) if hist["mouth"] else None,
+            "readout_loss": float(np.mean(hist["readout"][-50:])) if hist["readout"] else None,
+            "readout": readout_report}
 
 
 @torch.no_grad()
@@ -443,11 +474,16 @@ def _val_loss(bundle: ModelBundle, batches) -> float:
 
 
 def plot_curves(hist: dict, path: Path) -> None:
+    """The token cross-entropy (train and validation), and beside it each auxiliary term trained
+    (the audio encoder's mouth probe, the control read-out)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    mouth = hist.get("mouth") or []
-    fig, axes = plt.subplots(1, 2 if mouth else 1, figsize=(11 if mouth else 6, 3.5), squeeze=False)
+    aux = [(name, ylabel, title) for name, ylabel, title in (
+        ("mouth", "10 x MSE + viseme CE", "audio encoder's mouth probe (train)"),
+        ("readout", "10 x MSE + emotion CE", "controls read from the predicted codes (train)"))
+        if hist.get(name)]
+    fig, axes = plt.subplots(1, 1 + len(aux), figsize=(6 + 5 * len(aux), 3.5), squeeze=False)
     ax = axes[0, 0]
     if hist["loss"]:
         k = max(1, len(hist["loss"]) // 100)
@@ -458,12 +494,13 @@ def plot_curves(hist: dict, path: Path) -> None:
     ax.set_ylabel("token cross-entropy")
     ax.legend()
     ax.set_title("transformer training")
-    if mouth:   # recorded from the step mouth_weight was first > 0, so aligned to the last steps
-        k = max(1, len(mouth) // 100)
-        axes[0, 1].plot(hist["step"][-len(mouth):][k - 1:], np.convolve(mouth, np.ones(k) / k, mode="valid"))
-        axes[0, 1].set_xlabel("step")
-        axes[0, 1].set_ylabel("10 x MSE + viseme CE")
-        axes[0, 1].set_title("audio encoder's mouth probe (train)")
+    for ax, (name, ylabel, title) in zip(axes[0, 1:], aux):
+        y = hist[name]   # recorded from the step its weight was first > 0, so aligned to the last steps
+        k = max(1, len(y) // 100)
+        ax.plot(hist["step"][-len(y):][k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
