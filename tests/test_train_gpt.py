@@ -406,3 +406,14 @@ def test_the_readout_term_trains_the_transformer_through_its_expected_codes_and_
                         b.cond, b.mask)
     loss.backward()
     assert bundle.gpt.ln_f.weight.grad.abs().sum() > 0
+
+
+def test_without_control_ground_truth_the_readout_term_is_skipped_with_a_warning(tmp_path):
+    from eartalk.model.train_gpt import train_gpt
+    cfg = preset("test")
+    data = [c for c in _clips(cfg) if not c.gt]          # a user's video: no ground truth at all
+    with pytest.warns(UserWarning, match="no training clip has control ground truth"):
+        rep = train_gpt(new_bundle(cfg), data, [], tmp_path, minutes=10.0, max_steps=2, batch=2, T=6,
+                        progress=False, readout_weight=1.0)
+    assert rep["steps"] == 2 and rep["readout"] is None and rep["readout_loss"] is None
+    assert "readout" not in torch.load(tmp_path / "gpt_ckpt.pt", weights_only=True)

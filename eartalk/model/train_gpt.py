@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -393,6 +394,11 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         opt.load_state_dict(st["opt"])
         step, spent = int(st["step"]), float(st["spent"])
         hist = {"mouth": [], "readout": [], **json.loads(st["hist"])}
+    if readout_weight > 0 and not any(c.gt and any(k in c.gt for k in CONTROLS) for c in train):
+        # users' own videos: no control ground truth, so nothing to read out (every control trains free)
+        warnings.warn("readout_weight > 0 but no training clip has control ground truth (users' own videos): "
+                      "training without the control read-out term")
+        readout_weight = 0.0
     if readout_weight > 0:
         if "readout" in st:   # the resumed run scores against the same read-out
             readout = ControlReadout(bundle.cfg)
