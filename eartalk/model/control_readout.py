@@ -150,7 +150,7 @@ def train_readout(cfg: ModelConfig, train, val=None, steps: int = 1500, batch: i
                   seed: int = 0, progress: bool = True) -> tuple[ControlReadout, dict]:
     """Fit a :class:`ControlReadout` on the true codes of ``train`` (``ClipTokens`` with ground truth;
     clips without any are skipped), frozen on return, with its errors on ``val`` (or on ``train``
-    when ``val`` has no ground truth) in the report. 1,500 steps of 256 frames: ~2 min on 2 cores."""
+    when ``val`` has no ground truth) in the report. 1,500 steps of 256 frames: ~1 min on 2 cores."""
     levels = fsq_levels(cfg.codebook_size)
     tr = _frames(train, levels)
     if tr is None:
