@@ -417,3 +417,22 @@ def test_without_control_ground_truth_the_readout_term_is_skipped_with_a_warning
                         progress=False, readout_weight=1.0)
     assert rep["steps"] == 2 and rep["readout"] is None and rep["readout_loss"] is None
     assert "readout" not in torch.load(tmp_path / "gpt_ckpt.pt", weights_only=True)
+
+
+def test_a_readout_term_ramped_in_after_the_stage_ends_leaves_the_transformer_as_trained_without_it(tmp_path):
+    from eartalk.model.train_gpt import train_gpt
+    cfg = preset("test")
+    data = _clips(cfg)
+    kw = dict(minutes=10.0, max_steps=3, batch=2, T=6, progress=False, readout_steps=20)
+    plain, late = new_bundle(cfg, seed=0), new_bundle(cfg, seed=0)
+    torch.manual_seed(0)
+    train_gpt(plain, data, [], tmp_path / "plain", **kw)
+    torch.manual_seed(0)
+    rep = train_gpt(late, data, [], tmp_path / "late", readout_weight=1.0, readout_ramp=(1.0, 1.0), **kw)
+    assert rep["readout"]["steps"] == 20 and rep["readout_loss"] is None      # fitted, never weighed in
+    assert all(torch.equal(a, b) for a, b in zip(plain.gpt.state_dict().values(), late.gpt.state_dict().values()))
+    on = new_bundle(cfg, seed=0)
+    torch.manual_seed(0)
+    rep = train_gpt(on, data, [], tmp_path / "on", readout_weight=1.0, readout_ramp=(0.0, 0.0), **kw)
+    assert np.isfinite(rep["readout_loss"])
+    assert not all(torch.equal(a, b) for a, b in zip(plain.gpt.state_dict().values(), on.gpt.state_dict().values()))

@@ -53,16 +53,17 @@ RECIPES = {
     # gpt_readout: weight of the control read-out term on the predicted codes (train_gpt readout_weight,
     # eartalk.model.control_readout); 0 in tiny, which must reproduce the shipped weights: at 1 the
     # transformer stage gained gaze and emotion but lost 0.28 dB on the same machine and minutes
-    # (docs/model-history.md, session 27).
+    # (docs/model-history.md, session 27). gpt_readout_ramp: the fractions of the stage over which
+    # that weight rises from 0 (train_gpt readout_ramp).
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0,
                  frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
-                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, max_clips=None, val_clips=24),
+                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
                   frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
-                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, max_clips=4, val_clips=4),
+                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4),
 }
 
 
@@ -200,7 +201,8 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
                             corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"],
                             start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"], change_weight=r["gpt_change"],
                             portrait_share=r["gpt_portrait"], plausible=r["gpt_plausible"], stale_prob=r["gpt_stale"],
-                            draft_prob=r["gpt_refine"], readout_weight=r["gpt_readout"], seed=seed,
+                            draft_prob=r["gpt_refine"], readout_weight=r["gpt_readout"],
+                            readout_ramp=r["gpt_readout_ramp"], seed=seed,
                             progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from eartalk.model.config import EMOTIONS
 from eartalk.model.face_state import EMOTION_COLS, STATE_DIM
+from eartalk.model import schedule
 from eartalk.model.precision import resolve_bf16, train_autocast
 
 SUBPIX = 4          # ref and decoder head work at S/4 and unpack 4x4 pixels per cell
@@ -728,8 +729,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     st[:n_self] = float("nan")
                 if ex is not None:
                     ex[:n_self] = 0
-        lo, hi = state_ramp
-        ramp = 1.0 if frac >= hi else max(0.0, (frac - lo) / (hi - lo)) if hi > lo else float(frac >= lo)
+        ramp = schedule.ramp(frac, *state_ramp)
         with train_autocast(bf16):
             d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
                          state_weight=state_weight * ramp if state_weight > 0 else None,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from eartalk.data.corpus import list_clips, load_clip
 from eartalk.data.visemes import VISEMES
+from eartalk.model import schedule
 from eartalk.model.audio import LogMel
 from eartalk.model.bundle import ModelBundle
 from eartalk.model.conditions import controls_from_gt, encode_controls
@@ -362,14 +363,16 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
               mouth_weight: float = 0.0, portrait_share: float = 0.0, plausible: bool = False,
               stale_prob: float = 0.0, draft_prob: float = 0.0, readout_weight: float = 0.0,
-              readout_steps: int = 1500) -> dict:
+              readout_steps: int = 1500, readout_ramp: tuple[float, float] = (0.0, 0.0)) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
     to the token cross-entropy; 0 trains on tokens alone. ``readout_weight``: weight of the control
     read-out term on the predicted codes (:mod:`eartalk.model.control_readout`; its read-out is first
     fitted for ``readout_steps`` on the true codes of ``train``, outside the time budget, and kept in
-    the checkpoint); 0: none. ``draft_prob``: see :func:`gpt_loss`
+    the checkpoint); 0: none. ``readout_ramp`` ``(start, full)``: the fractions of the time budget over
+    which that weight rises from 0 (:func:`eartalk.model.schedule.ramp`; ``(0, 0)``: from the first
+    step). ``draft_prob``: see :func:`gpt_loss`
     (refinement; validation stays draft-free, the first pass). ``bf16``: autocast the training forward
     (default: where the CPU has native bf16, :func:`eartalk.model.precision.bf16_native`)."""
     bf16 = resolve_bf16(bf16)
@@ -429,11 +432,12 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
         ce, digits = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob,
                               draft_prob, return_digits=True)
         loss = ce
-        if readout is not None:
+        w_ro = readout_weight * schedule.ramp(min(frac, 1.0), *readout_ramp) if readout is not None else 0.0
+        if w_ro > 0:
             ro = readout_loss(readout, expected_digit_values(digits, readout.levels),
                               digit_values(b.portrait, readout.levels), b.cond, b.mask)
             hist["readout"].append(ro.item())
-            loss = loss + readout_weight * ro
+            loss = loss + w_ro * ro
         if mouth_weight > 0:
             aux = mouth_loss(head, b)
             hist["mouth"].append(aux.item())
