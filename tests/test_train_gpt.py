@@ -165,9 +165,14 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     assert not hasattr(bundle.tokenizer, "coarse_flow") and not hasattr(bundle.tokenizer, "fine_flow")
     card = json.loads((out / "model.json").read_text())
     assert card["recipe"] == "smoke" and card["training"]["tokenizer"]["val_psnr"] == tok["val_psnr"]
+    assert rep["budget_minutes"] == 0.3 and tok["budget_minutes"] == 1
     # a second run resumes from the checkpoint: its step count continues
     again = gpt_stage("smoke", corpus, out, progress=False)
     assert again["steps"] >= rep["steps"] and again["minutes"] >= rep["minutes"]
+    # a larger budget resumes the finished stage and trains on to it (--budget-scale)
+    longer = gpt_stage("smoke", corpus, out, progress=False, budget_scale=1.5)
+    assert longer["budget_minutes"] == pytest.approx(0.45) and longer["steps"] > again["steps"]
+    assert json.loads((out / "model.json").read_text())["training"]["gpt"]["steps"] == longer["steps"]
 
 
 def test_a_step_limited_run_checkpoints_its_last_step_and_resumes_from_it(tmp_path):

@@ -22,7 +22,13 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
       the recipe's two stages one at a time: the tokenizer (OUT/work/tokenizer.safetensors, its
       held-out PSNR in OUT/work/tokenizer_report.json, curves in tokenizer_curves.png, held-out
       frames beside their reconstructions in tokenizer_samples.png), then the
-      audio encoder + transformer on the frozen tokenizer (resumes from OUT/work/gpt_ckpt.pt)."""
+      audio encoder + transformer on the frozen tokenizer (resumes from OUT/work/gpt_ckpt.pt).
+
+  The stages stop on time (tiny: tokenizer 25, transformer 45 minutes), so a CPU slower than the one
+  that made the shipped model trains fewer steps, and says so at the end with the --budget-scale
+  that would give about the shipped step count. The transformer stage run again with that flag
+  resumes from its checkpoint to the new budget; the tokenizer stage trains again from its start:
+  eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny --budget-scale 2.5"""
 
 
 def add_arguments(p):
@@ -31,6 +37,9 @@ def add_arguments(p):
     p.add_argument("--recipe", choices=None, default=None, help="model recipe: tiny (or smoke, seconds)")
     p.add_argument("--data", required=True, type=Path, help="corpus folder (from `eartalk synth`)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
+                   help="recipe: multiply each stage's minutes by X (default 1); X times slower CPU, X times "
+                        "the minutes, about the shipped model's steps")
     p.add_argument("--steps", type=int, default=3000, help="probe: optimizer steps (default 3000)")
     p.add_argument("--batch", type=int, default=96, help="probe: batch size (default 96)")
     p.add_argument("--lr", type=float, default=2e-3, help="probe: peak learning rate (default 2e-3)")
@@ -42,17 +51,22 @@ def add_arguments(p):
 def run(args) -> int:
     if not (args.data / "splits.json").exists():
         raise FileNotFoundError(f"--data {args.data} is not a corpus (no splits.json); make one with `eartalk synth`")
+    if args.budget_scale != 1.0 and args.what == "probe":
+        raise ValueError("--budget-scale applies to the recipe's stages (--recipe, tokenizer, gpt), not to the probe")
+    from eartalk.model import recipe
     if args.what in ("tokenizer", "gpt"):
-        from eartalk.model import recipe
+        name = args.recipe or "tiny"
         stage = recipe.tokenizer_stage if args.what == "tokenizer" else recipe.gpt_stage
-        rep = stage(args.recipe or "tiny", args.data, args.out, progress=not args.quiet, seed=args.seed)
+        rep = stage(name, args.data, args.out, progress=not args.quiet, seed=args.seed, budget_scale=args.budget_scale)
         print({k: v for k, v in rep.items() if k != "val_curve"})
-        print(f"{args.what} stage of recipe {args.recipe or 'tiny'} written to {args.out}")
+        print(f"{args.what} stage of recipe {name} written to {args.out}")
+        _shortfall(name, {args.what: rep}, args.budget_scale)
         return 0
     if args.recipe:
-        from eartalk.model.recipe import run_recipe
-        rep = run_recipe(args.recipe, args.data, args.out, progress=not args.quiet, seed=args.seed)
+        rep = recipe.run_recipe(args.recipe, args.data, args.out, progress=not args.quiet, seed=args.seed,
+                                budget_scale=args.budget_scale)
         print(f"recipe {args.recipe}: {rep['total_minutes']} min; model written to {args.out}")
+        _shortfall(args.recipe, rep, args.budget_scale)
         return 0
     if args.what == "probe":
         from eartalk.probe.train import report_markdown, train_probe
@@ -62,3 +76,15 @@ def run(args) -> int:
         print(f"probe written to {args.out}")
         return 0
     raise ValueError("say what to train: `eartalk train probe ...` or `eartalk train --recipe tiny ...`")
+
+
+def _shortfall(name: str, reports: dict, budget_scale: float) -> None:
+    """Print, for each stage trained, the notice of :func:`eartalk.model.recipe.step_shortfall`."""
+    import sys
+
+    from eartalk.model.recipe import step_shortfall
+    for stage in ("tokenizer", "gpt"):
+        if isinstance(reports.get(stage), dict) and "steps" in reports[stage]:
+            notice = step_shortfall(name, stage, int(reports[stage]["steps"]), budget_scale)
+            if notice:
+                print(f"notice: {notice}", file=sys.stderr)

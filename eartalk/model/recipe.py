@@ -8,6 +8,7 @@ wall-clock limit on a 2-core CPU.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -131,16 +132,50 @@ def _tokenizer_sheet(tok, v: dict, path: Path, n: int = 6) -> Path:
                             [f"val frame {i}" for i in at], title="tokenizer on held-out frames")
 
 
-def _recipe(name: str) -> dict:
+def _recipe(name: str, budget_scale: float = 1.0) -> dict:
+    """Recipe ``name`` with its stages' minutes (``tok_minutes``, ``gpt_minutes``) times ``budget_scale``."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
-    return RECIPES[name]
+    if not (isinstance(budget_scale, (int, float)) and math.isfinite(budget_scale) and budget_scale > 0):
+        raise ValueError(f"budget scale {budget_scale!r}: expected a positive number, the factor on the recipe's "
+                         f"minutes (2.5 on a CPU 2.5x slower than the one that made the shipped model)")
+    r = dict(RECIPES[name])
+    r["tok_minutes"] *= budget_scale
+    r["gpt_minutes"] *= budget_scale
+    return r
 
 
-def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
-    """Stage 1 (``eartalk train tokenizer``): train the tokenizer on the train split, measure its
-    held-out PSNR on the validation split; writes ``out/work/tokenizer.safetensors`` and curves."""
+def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0) -> str | None:
+    """A notice when a stage of recipe ``name`` trained under 90% of the steps its shipped model's
+    did (the stages stop on time, so a slower CPU trains fewer), naming the ``--budget-scale`` that
+    gives about the shipped count; None when it did not, or no shipped model came from ``name``."""
+    from eartalk.model.bundle import read_card
     r = _recipe(name)
+    try:
+        card = read_card(r["preset"])
+    except FileNotFoundError:
+        return None
+    if card.get("recipe") != name:
+        return None
+    shipped = int(card.get("training", {}).get(stage, {}).get("steps") or 0)
+    if not shipped or steps >= 0.9 * shipped:
+        return None
+    minutes = r["tok_minutes" if stage == "tokenizer" else "gpt_minutes"] * budget_scale
+    scale = math.ceil(budget_scale * shipped / max(steps, 1) * 10) / 10
+    # the transformer resumes from its checkpoint; the tokenizer has none and trains again
+    again = "the stage resumes from its checkpoint" if stage == "gpt" else "the stage trains again from its start"
+    return (f"the {stage} stage trained {steps:,} steps in its {minutes:g} minutes; the shipped {r['preset']!r} "
+            f"model's had {shipped:,}: this CPU is slower than the one that made it, so this model will measure "
+            f"below the model card. `eartalk train {stage} --recipe {name} ... --budget-scale {scale:g}` trains "
+            f"about the shipped count ({again})")
+
+
+def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
+                    budget_scale: float = 1.0) -> dict:
+    """Stage 1 (``eartalk train tokenizer``): train the tokenizer on the train split, measure its
+    held-out PSNR on the validation split; writes ``out/work/tokenizer.safetensors`` and curves.
+    ``budget_scale`` multiplies the stage's minutes (:func:`_recipe`)."""
+    r = _recipe(name, budget_scale)
     cfg = preset(r["preset"], frame_codes=r["frame_codes"], warp=r["warp"])
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -161,18 +196,22 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     tok = m.pop("model")
     if v and r["tok_state"] > 0:
         m["val_state_acc"] = state_token_accuracy(tok, v["frames"], v["portraits"], v["index"], v["states"])
-    m.update(frames=int(len(d["frames"])), val_frames=int(len(v["frames"])) if v else 0)
+    m.update(frames=int(len(d["frames"])), val_frames=int(len(v["frames"])) if v else 0,
+             budget_minutes=r["tok_minutes"])
     if v:
         m["samples"] = str(_tokenizer_sheet(tok, v, work / "tokenizer_samples.png"))
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     return m
 
 
-def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
+def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
+              budget_scale: float = 1.0) -> dict:
     """Stage 2 (``eartalk train gpt``): with the frozen tokenizer of stage 1, tokenize the corpus and
     train the audio encoder and the transformer (resumable from ``out/work/gpt_ckpt.pt``); then
-    write the bundle ``out/model.safetensors`` + ``out/model.json``."""
-    r = _recipe(name)
+    write the bundle ``out/model.safetensors`` + ``out/model.json``. ``budget_scale`` multiplies
+    the stage's minutes (:func:`_recipe`); a finished stage run again with a larger one resumes to
+    the new budget, its learning-rate schedule stretched to it."""
+    r = _recipe(name, budget_scale)
     cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"])
     out = Path(out)
     work = out / "work"
@@ -196,7 +235,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
             splits[split] = tokenize_corpus(bundle, corpus, split, limit[split], progress)
             save_tokens(cache, splits[split], tok_sha)
     train, val = splits["train"], splits["val"]
-    report = {"tokenize_minutes": round((time.time() - t0) / 60, 2)}
+    report = {"tokenize_minutes": round((time.time() - t0) / 60, 2), "budget_minutes": r["gpt_minutes"]}
     report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],
                             corrupt=r["gpt_corrupt"], lr=r["gpt_lr"], warmup=r["gpt_warmup"],
                             start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"], change_weight=r["gpt_change"],
@@ -213,14 +252,15 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     return report
 
 
-def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0) -> dict:
+def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
+               budget_scale: float = 1.0) -> dict:
     """Both stages; a finished tokenizer (``out/work/tokenizer.safetensors``) is kept, not redone."""
-    _recipe(name)
+    _recipe(name, budget_scale)
     t0 = time.time()
     report = {"recipe": name, "corpus": str(corpus)}
     if not (Path(out) / "work" / "tokenizer.safetensors").exists():
-        report["tokenizer"] = tokenizer_stage(name, corpus, out, progress, seed)
+        report["tokenizer"] = tokenizer_stage(name, corpus, out, progress, seed, budget_scale)
     report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
-    report["gpt"] = gpt_stage(name, corpus, out, progress, seed)
+    report["gpt"] = gpt_stage(name, corpus, out, progress, seed, budget_scale)
     report["total_minutes"] = round((time.time() - t0) / 60, 2)
     return report

@@ -1,0 +1,58 @@
+"""Recipe budgets: --budget-scale multiplies the stages' minutes, and a stage that trained well under
+its shipped model's steps says which scale gives about that count."""
+import math
+
+import pytest
+
+from eartalk.cli import main
+from eartalk.model.bundle import read_card
+from eartalk.model.recipe import RECIPES, _recipe, step_shortfall
+
+
+def test_budget_scale_multiplies_both_stages_minutes_and_nothing_else():
+    r = _recipe("tiny", 2.5)
+    assert r["tok_minutes"] == RECIPES["tiny"]["tok_minutes"] * 2.5 == 62.5
+    assert r["gpt_minutes"] == RECIPES["tiny"]["gpt_minutes"] * 2.5 == 112.5
+    assert {k: v for k, v in r.items() if not k.endswith("minutes")} == \
+        {k: v for k, v in RECIPES["tiny"].items() if not k.endswith("minutes")}
+    assert RECIPES["tiny"]["gpt_minutes"] == 45          # the table itself is untouched
+    assert _recipe("tiny") == RECIPES["tiny"]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "2"])
+def test_a_budget_scale_that_is_not_a_positive_number_is_refused(bad):
+    with pytest.raises(ValueError, match="budget scale .*expected a positive number"):
+        _recipe("tiny", bad)
+
+
+def test_unknown_recipe_is_named():
+    with pytest.raises(ValueError, match="unknown recipe 'huge'.*smoke.*tiny"):
+        _recipe("huge")
+
+
+def test_shortfall_names_the_shipped_steps_and_the_scale_that_reaches_them():
+    shipped = read_card("tiny")["training"]
+    gpt, tok = int(shipped["gpt"]["steps"]), int(shipped["tokenizer"]["steps"])
+    steps = gpt * 4 // 10                                       # 40% of the shipped count
+    scale = math.ceil(gpt / steps * 10) / 10                    # 2.5, rounded up to a tenth
+    notice = step_shortfall("tiny", "gpt", steps)
+    assert f"trained {steps:,} steps in its 45 minutes" in notice and f"had {gpt:,}" in notice
+    assert f"--budget-scale {scale:g}` " in notice and "resumes from its checkpoint" in notice
+    # already at twice the minutes: the scale asked for is relative to the recipe's own minutes
+    twice = step_shortfall("tiny", "gpt", steps, budget_scale=2.0)
+    assert "in its 90 minutes" in twice and f"--budget-scale {math.ceil(2 * gpt / steps * 10) / 10:g}` " in twice
+    assert "trains again from its start" in step_shortfall("tiny", "tokenizer", tok // 2)
+    # within 10% of the shipped count, or a recipe that made no shipped model: nothing to say
+    assert step_shortfall("tiny", "gpt", math.ceil(0.9 * gpt)) is None
+    assert step_shortfall("tiny", "gpt", math.ceil(0.9 * gpt) - 1) is not None
+    assert step_shortfall("smoke", "gpt", 1) is None
+
+
+def test_cli_refuses_a_bad_budget_scale_and_one_given_to_the_probe(tmp_path, capsys):
+    (tmp_path / "splits.json").write_text("{}")
+    assert main(["train", "gpt", "--recipe", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--budget-scale", "-2"]) == 2
+    assert "budget scale -2.0: expected a positive number" in capsys.readouterr().err
+    assert main(["train", "probe", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--budget-scale", "2"]) == 2
+    assert "--budget-scale applies to the recipe's stages" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
