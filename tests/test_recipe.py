@@ -56,3 +56,15 @@ def test_cli_refuses_a_bad_budget_scale_and_one_given_to_the_probe(tmp_path, cap
     assert main(["train", "probe", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--budget-scale", "2"]) == 2
     assert "--budget-scale applies to the recipe's stages" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_prints_one_notice_per_stage_short_of_the_shipped_steps(capsys):
+    from eartalk.commands.train import _shortfall
+    shipped = read_card("tiny")["training"]
+    # a recipe run whose tokenizer was kept from before (no report) and whose transformer fell short
+    _shortfall("tiny", {"recipe": "tiny", "gpt": {"steps": int(shipped["gpt"]["steps"]) // 2}}, 1.0)
+    err = capsys.readouterr().err
+    assert err.count("notice:") == 1 and "notice: the gpt stage trained" in err
+    # both stages at the shipped counts: silent
+    _shortfall("tiny", {k: {"steps": int(shipped[k]["steps"])} for k in ("tokenizer", "gpt")}, 1.0)
+    assert capsys.readouterr().err == ""
