@@ -150,7 +150,7 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0)
     did (the stages stop on time, so a slower CPU trains fewer), naming the ``--budget-scale`` that
     gives about the shipped count; None when it did not, or no shipped model came from ``name``."""
     from eartalk.model.bundle import read_card
-    r = _recipe(name)
+    r = _recipe(name, budget_scale)
     try:
         card = read_card(r["preset"])
     except FileNotFoundError:
@@ -160,7 +160,7 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0)
     shipped = int(card.get("training", {}).get(stage, {}).get("steps") or 0)
     if not shipped or steps >= 0.9 * shipped:
         return None
-    minutes = r["tok_minutes" if stage == "tokenizer" else "gpt_minutes"] * budget_scale
+    minutes = r["tok_minutes" if stage == "tokenizer" else "gpt_minutes"]
     scale = math.ceil(budget_scale * shipped / max(steps, 1) * 10) / 10
     # the transformer resumes from its checkpoint; the tokenizer has none and trains again
     again = "the stage resumes from its checkpoint" if stage == "gpt" else "the stage trains again from its start"
