@@ -28,18 +28,31 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
   that made the shipped model trains fewer steps, and says so at the end with the --budget-scale
   that would give about the shipped step count. The transformer stage run again with that flag
   resumes from its checkpoint to the new budget; the tokenizer stage trains again from its start:
-  eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny --budget-scale 2.5"""
+  eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny --budget-scale 2.5
+
+  eartalk train --from tiny --data data/mine --mix data/corpus --out runs/mine
+      fine-tune a trained model on one person's videos (`eartalk import`): first the tokenizer's
+      decoder on their frames (its encoder frozen, so the codes keep their meaning; 8 minutes),
+      then the transformer and audio encoder on their clips mixed half and half with the --mix
+      corpus's, whose ground truth keeps pinned controls obeyed (15 minutes). `tokenizer` or
+      `gpt` with --from runs one of the two. Without --mix the controls may weaken (a warning says
+      so); a small corpus is enough: `eartalk synth --out data/corpus --clips 200`."""
 
 
 def add_arguments(p):
     p.add_argument("what", nargs="?", choices=["probe", "tokenizer", "gpt"],
                    help="probe; or one stage of --recipe (tokenizer, gpt); omit for the whole recipe")
     p.add_argument("--recipe", choices=None, default=None, help="model recipe: tiny (or smoke, seconds)")
-    p.add_argument("--data", required=True, type=Path, help="corpus folder (from `eartalk synth`)")
+    p.add_argument("--from", dest="base", default=None, metavar="MODEL",
+                   help="fine-tune this trained model (preset name or bundle folder) on --data instead of "
+                        "training by recipe")
+    p.add_argument("--mix", type=Path, default=None, metavar="CORPUS",
+                   help="--from: a synthetic corpus whose clips are mixed into the fine-tune (keeps controls)")
+    p.add_argument("--data", required=True, type=Path, help="corpus folder (from `eartalk synth` or `eartalk import`)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
-                   help="recipe: multiply each stage's minutes by X (default 1); X times slower CPU, X times "
-                        "the minutes, about the shipped model's steps")
+                   help="recipe or --from: multiply each stage's minutes by X (default 1); X times slower CPU, "
+                        "X times the minutes, about the shipped model's steps")
     p.add_argument("--steps", type=int, default=3000, help="probe: optimizer steps (default 3000)")
     p.add_argument("--batch", type=int, default=96, help="probe: batch size (default 96)")
     p.add_argument("--lr", type=float, default=2e-3, help="probe: peak learning rate (default 2e-3)")
@@ -53,6 +66,10 @@ def run(args) -> int:
         raise FileNotFoundError(f"--data {args.data} is not a corpus (no splits.json); make one with `eartalk synth`")
     if args.budget_scale != 1.0 and args.what == "probe":
         raise ValueError("--budget-scale applies to the recipe's stages (--recipe, tokenizer, gpt), not to the probe")
+    if args.mix is not None and args.base is None:
+        raise ValueError("--mix goes with --from (a fine-tune); the recipe trains on --data alone")
+    if args.base is not None:
+        return _finetune(args)
     from eartalk.model import recipe
     if args.what in ("tokenizer", "gpt"):
         name = args.recipe or "tiny"
@@ -75,7 +92,29 @@ def run(args) -> int:
         print(report_markdown(rep))
         print(f"probe written to {args.out}")
         return 0
-    raise ValueError("say what to train: `eartalk train probe ...` or `eartalk train --recipe tiny ...`")
+    raise ValueError("say what to train: `eartalk train probe ...`, `eartalk train --recipe tiny ...` or "
+                     "`eartalk train --from tiny ...` (a fine-tune)")
+
+
+def _finetune(args) -> int:
+    """``--from MODEL``: both fine-tune stages, or the one named (:mod:`eartalk.model.finetune`)."""
+    if args.what == "probe":
+        raise ValueError("--from fine-tunes a talking-head model; the probe trains from scratch (drop --from)")
+    if args.recipe:
+        raise ValueError(f"--from {args.base} and --recipe {args.recipe}: choose one (a fine-tune has its own settings)")
+    if args.mix is not None and not (args.mix / "splits.json").exists():
+        raise FileNotFoundError(f"--mix {args.mix} is not a corpus (no splits.json); make one with `eartalk synth`")
+    from eartalk.model import finetune
+    kw = dict(mix=args.mix, progress=not args.quiet, seed=args.seed, budget_scale=args.budget_scale)
+    if args.what in ("tokenizer", "gpt"):
+        stage = finetune.decoder_stage if args.what == "tokenizer" else finetune.gpt_stage
+        rep = stage(args.base, args.data, args.out, **kw)
+        print({k: v for k, v in rep.items() if k != "val_curve"})
+        print(f"{args.what} stage of the fine-tune of {args.base} written to {args.out}")
+        return 0
+    rep = finetune.run_finetune(args.base, args.data, args.out, **kw)
+    print(f"fine-tune of {args.base}: {rep['total_minutes']} min; model written to {args.out}")
+    return 0
 
 
 def _shortfall(name: str, reports: dict, budget_scale: float) -> None:

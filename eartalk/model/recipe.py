@@ -68,7 +68,7 @@ RECIPES = {
 }
 
 
-def _tokenizer_data(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool,
+def tokenizer_frames(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool,
                     successors: bool = False, expr: bool = False) -> dict:
     """Every ``every``-th frame of each clip of ``split`` with its clip's portrait, channels first,
     uint8, and each frame's face state (``face_state``, NaN rows for clips without ground truth):
@@ -116,7 +116,7 @@ def _expr_maps(clip, at: np.ndarray, size: int) -> np.ndarray:
 
 
 def _tokenizer_sheet(tok, v: dict, path: Path, n: int = 6) -> Path:
-    """``n`` held-out frames spread over ``v`` (``_tokenizer_data``): portrait, frame, the
+    """``n`` held-out frames spread over ``v`` (``tokenizer_frames``): portrait, frame, the
     tokenizer's reconstruction and its error, one row each (:mod:`eartalk.frame_sheet`)."""
     import torch
 
@@ -180,10 +180,10 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
-    d = _tokenizer_data(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress, successors=pairs,
+    d = tokenizer_frames(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress, successors=pairs,
                         expr=r["tok_expr"] > 0)
     # held-out PSNR on the validation split (a small corpus may have none: then no validation)
-    v = _tokenizer_data(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
+    v = tokenizer_frames(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
     val = (v["frames"], v["portraits"], v["index"]) if v else None
     m = train_tokenizer(d["frames"], d["portraits"], cfg, steps=r["tok_steps"], batch=r["tok_batch"], lr=r["tok_lr"],
