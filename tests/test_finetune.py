@@ -82,6 +82,12 @@ def test_fine_tune_keeps_the_codes_trains_the_decoder_and_transformer_and_names_
             assert torch.equal(old[k], new[k]), k
     assert not torch.equal(old["head.weight"], new["head.weight"])
     assert not torch.equal(old["ref_encoder.1.weight"], new["ref_encoder.1.weight"])
+    # the decoder stage alone is a complete model: the base transformer with the new decoder
+    dec_only = load_bundle(out)
+    assert all(torch.equal(a, b) for a, b in zip(before.gpt.state_dict().values(), dec_only.gpt.state_dict().values()))
+    assert torch.equal(dec_only.tokenizer.state_dict()["head.weight"], new["head.weight"])
+    training = json.loads((out / "model.json").read_text())["training"]
+    assert training.keys() == {"decoder"} and training["decoder"]["val_psnr"] == dec["val_psnr"]
 
     rep = gpt_stage(base, mine, out, mix, progress=False, budget_scale=SCALE)
     assert rep["steps"] > 0 and rep["user_clips"] == len(list_clips(mine, "train"))
@@ -112,11 +118,13 @@ def test_a_tokenizer_with_another_encoder_is_refused(dirs, tmp_path):
         gpt_stage(base, mine, out, mix, progress=False, budget_scale=SCALE)
 
 
-def test_without_a_mix_corpus_it_warns_that_controls_may_weaken(dirs, tmp_path):
+def test_without_a_mix_corpus_the_transformer_stage_warns_that_controls_may_weaken(dirs, tmp_path):
     base, _, mine = dirs
+    rep = run_finetune(base, mine, tmp_path / "run", None, progress=False, budget_scale=SCALE)
+    assert "gpt" not in rep and rep["tokenizer"]["mix_frames"] == 0     # the decoder stage alone by default
     with pytest.warns(UserWarning, match="no --mix corpus"):
-        rep = run_finetune(base, mine, tmp_path / "run", None, progress=False, budget_scale=SCALE)
-    assert rep["gpt"]["mix_clips"] == 0 and load_bundle(tmp_path / "run")
+        rep = run_finetune(base, mine, tmp_path / "run", None, progress=False, budget_scale=SCALE, transformer=True)
+    assert "tokenizer" not in rep and rep["gpt"]["mix_clips"] == 0 and load_bundle(tmp_path / "run")
 
 
 def test_cli_fine_tunes_and_refuses_mixed_up_flags(dirs, tmp_path, capsys):
@@ -125,7 +133,13 @@ def test_cli_fine_tunes_and_refuses_mixed_up_flags(dirs, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["train", "--from", str(base), "--data", str(mine), "--mix", str(mix), "--out", str(out),
                  "--budget-scale", str(SCALE), "--quiet"]) == 0
-    assert f"fine-tune of {base}" in capsys.readouterr().out and load_bundle(out)
+    printed = capsys.readouterr().out
+    assert f"fine-tune of {base} (decoder stage)" in printed and "held-out PSNR of the tokenizer" in printed
+    assert json.loads((out / "model.json").read_text())["training"].keys() == {"decoder"}
+    assert main(["train", "gpt", "--from", str(base), "--data", str(mine), "--mix", str(mix), "--out", str(out),
+                 "--budget-scale", str(SCALE), "--quiet"]) == 0
+    assert json.loads((out / "model.json").read_text())["training"].keys() == {"decoder", "gpt"}
+    capsys.readouterr()
     cases = [(["--mix", str(mix), "--recipe", "smoke"], "--mix goes with --from"),
              (["--from", str(base), "--recipe", "smoke"], "choose one"),
              (["probe", "--from", str(base)], "the probe trains from scratch"),

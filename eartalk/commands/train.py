@@ -31,12 +31,18 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
   eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny --budget-scale 2.5
 
   eartalk train --from tiny --data data/mine --mix data/corpus --out runs/mine
-      fine-tune a trained model on one person's videos (`eartalk import`): first the tokenizer's
-      decoder on their frames (its encoder frozen, so the codes keep their meaning; 8 minutes),
-      then the transformer and audio encoder on their clips mixed half and half with the --mix
-      corpus's, whose ground truth keeps pinned controls obeyed (15 minutes). `tokenizer` or
-      `gpt` with --from runs one of the two. Without --mix the controls may weaken (a warning says
-      so); a small corpus is enough: `eartalk synth --out data/corpus --clips 200`."""
+      fine-tune a trained model on one person's videos (`eartalk import`): the tokenizer's decoder
+      learns their face with its encoder frozen, so every code keeps its meaning for the model's
+      transformer (8 minutes; a quarter of its frames from the --mix corpus, so that expressions
+      the videos never show still decode). Writes a complete model to OUT. On a new face it
+      measured +0.6 dB PSNR and +0.02 viseme accuracy on held-out clips (docs/model-card.md).
+      A small synthetic corpus is enough for --mix: `eartalk synth --out data/corpus --clips 200`.
+
+  eartalk train gpt --from tiny --data data/mine --mix data/corpus --out runs/mine
+      then, optionally, the transformer and audio encoder too (15 minutes), on the person's clips
+      mixed half and half with the --mix corpus's, whose ground truth keeps pinned controls
+      trained. On a synthetic face it lowered the token cross-entropy but not the frames' errors;
+      it is there for videos whose motion differs from the renderer's."""
 
 
 def add_arguments(p):
@@ -45,9 +51,10 @@ def add_arguments(p):
     p.add_argument("--recipe", choices=None, default=None, help="model recipe: tiny (or smoke, seconds)")
     p.add_argument("--from", dest="base", default=None, metavar="MODEL",
                    help="fine-tune this trained model (preset name or bundle folder) on --data instead of "
-                        "training by recipe")
+                        "training by recipe: its decoder; with `gpt`, its transformer too")
     p.add_argument("--mix", type=Path, default=None, metavar="CORPUS",
-                   help="--from: a synthetic corpus whose clips are mixed into the fine-tune (keeps controls)")
+                   help="--from: a synthetic corpus whose frames and clips are mixed into the fine-tune (keeps expressions "
+                        "and controls)")
     p.add_argument("--data", required=True, type=Path, help="corpus folder (from `eartalk synth` or `eartalk import`)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--budget-scale", type=float, default=1.0, metavar="X",
@@ -97,7 +104,7 @@ def run(args) -> int:
 
 
 def _finetune(args) -> int:
-    """``--from MODEL``: both fine-tune stages, or the one named (:mod:`eartalk.model.finetune`)."""
+    """``--from MODEL``: the decoder stage, or the stage named (:mod:`eartalk.model.finetune`)."""
     if args.what == "probe":
         raise ValueError("--from fine-tunes a talking-head model; the probe trains from scratch (drop --from)")
     if args.recipe:
@@ -113,7 +120,11 @@ def _finetune(args) -> int:
         print(f"{args.what} stage of the fine-tune of {args.base} written to {args.out}")
         return 0
     rep = finetune.run_finetune(args.base, args.data, args.out, **kw)
-    print(f"fine-tune of {args.base}: {rep['total_minutes']} min; model written to {args.out}")
+    print(f"fine-tune of {args.base} (decoder stage): {rep['total_minutes']} min; model written to {args.out}")
+    dec = rep.get("tokenizer")
+    if dec and dec.get("val_psnr_before") is not None:
+        print(f"held-out PSNR of the tokenizer on your validation clips: {dec['val_psnr_before']:.2f} -> "
+              f"{dec['val_psnr']:.2f} dB")
     return 0
 
 
