@@ -47,7 +47,7 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
 
 def add_arguments(p):
     p.add_argument("what", nargs="?", choices=["probe", "tokenizer", "gpt"],
-                   help="probe; or one stage of --recipe (tokenizer, gpt); omit for the whole recipe")
+                   help="probe; or one stage of --recipe or --from (tokenizer, gpt); omit for the whole recipe, or --from's decoder stage")
     p.add_argument("--recipe", choices=None, default=None, help="model recipe: tiny (or smoke, seconds)")
     p.add_argument("--from", dest="base", default=None, metavar="MODEL",
                    help="fine-tune this trained model (preset name or bundle folder) on --data instead of "

@@ -699,7 +699,12 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     budget = max_minutes * 60 if max_minutes else float("inf")
     tail, curve, val_curve, t0 = [], [], [], time.time()
     last = steps - 1
-    bar = tqdm(total=steps, desc="tokenizer", disable=not progress, unit="step")
+    # a stage on a time budget rarely reaches its step cap, so its bar counts budget seconds
+    timed = budget < float("inf")
+    bar = tqdm(total=int(budget) if timed else steps, desc="tokenizer", disable=not progress,
+               unit="s" if timed else "step",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]"
+               if timed else None)
     floor, warned = collapse_floor(cfg.codebook_size), False
     for step in range(steps):
         # progress is steps or wall clock, whichever runs out first (the recipe has a time budget)
@@ -748,8 +753,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                 warned = True
                 bar.write(f"tokenizer: the held-out frames use only {codes} of {cfg.codebook_size} codes at "
                           f"step {step} (collapsed below {floor}); lower pair_weight / state_weight")
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}",
+        bar.update(min(budget, time.time() - t0) - bar.n if timed else 1)
+        bar.set_postfix(**({"step": step + 1} if timed else {}), loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}",
                         val=f"{val_curve[-1][1]:.1f}" if val_curve else "-",
                         **{k: f"{rec[k]:.2f}" for k in ("state_acc", "emotion_acc") if k in rec})
     bar.close()
