@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from eartalk.data.corpus import list_clips
-from eartalk.model.bundle import load_bundle, read_card, save_bundle, weights_digest
+from eartalk.model.bundle import load_bundle, read_card, save_bundle
 from eartalk.model.recipe import RECIPES, tokenizer_frames
 from eartalk.model.tokenizer import VQTokenizer, held_out_scores, train_tokenizer
-from eartalk.model.train_gpt import ClipTokens, load_tokens, save_tokens, tokenize_corpus, train_gpt
+from eartalk.model.train_gpt import ClipTokens, cached_tokens, stage_tokenizer, train_gpt
 
 # dec_*: the decoder stage (frames every dec_every-th of each user clip; dec_mix of each batch, on
 # average, synthetic frames from mix_clips clips every mix_every-th). gpt_*: the transformer stage,
@@ -179,16 +179,6 @@ def mix_clips(user: list[ClipTokens], synthetic: list[ClipTokens], share: float)
     return list(user) * r + list(synthetic)
 
 
-def _cached_tokens(bundle, corpus: Path, split: str, limit: int | None, cache: Path, digest: str,
-                   progress: bool) -> list[ClipTokens]:
-    ids = list_clips(corpus, split)[:limit]
-    data = load_tokens(cache, digest, ids)
-    if data is None:
-        data = tokenize_corpus(bundle, corpus, split, limit, progress)
-        save_tokens(cache, data, digest)
-    return data
-
-
 def gpt_stage(base: str | Path, data: Path, out: Path, mix: Path | None = None, progress: bool = True,
               seed: int = 0, budget_scale: float = 1.0) -> dict:
     """Stage 2: the base model's transformer and audio encoder trained on ``data``'s clips (mixed with
@@ -198,10 +188,8 @@ def gpt_stage(base: str | Path, data: Path, out: Path, mix: Path | None = None, 
     _check_user_corpus(data, mix)
     out = Path(out)
     work = out / "work"
-    tok_path = work / "tokenizer.safetensors"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path} is missing: run the decoder stage first "
-                                f"(`eartalk train --from {base} --data {data} --out {out}`)")
+    tok_path = stage_tokenizer(out, f"run the decoder stage first (`eartalk train --from {base} --data {data} "
+                                    f"--out {out}`)")
     t0 = time.time()
     bundle = load_bundle(base)
     base_meta = dict(bundle.meta)
@@ -214,9 +202,9 @@ def gpt_stage(base: str | Path, data: Path, out: Path, mix: Path | None = None, 
         p.requires_grad_(False)
     # tokens depend on the encoder alone, so the caches are keyed by its digest
     key = f"encoder:{digest}"
-    user = {sp: _cached_tokens(bundle, data, sp, None, work / f"tokens_{sp}.npz", key, progress)
+    user = {sp: cached_tokens(bundle, data, sp, None, work / f"tokens_{sp}.npz", key, progress)
             for sp in ("train", "val")}
-    synthetic = _cached_tokens(bundle, mix, "train", s["mix_clips"], work / "tokens_mix.npz", key, progress) \
+    synthetic = cached_tokens(bundle, mix, "train", s["mix_clips"], work / "tokens_mix.npz", key, progress) \
         if mix is not None else []
     if mix is None:
         warnings.warn("no --mix corpus: the transformer trains on your clips alone, which carry no control ground "

@@ -21,8 +21,7 @@ from eartalk.model.bundle import new_bundle, save_bundle, weights_digest
 from eartalk.model.config import preset
 from eartalk.model.face_state import face_state
 from eartalk.model.tokenizer import VQTokenizer, state_token_accuracy, train_tokenizer
-from eartalk.model.train_gpt import (clip_portrait, fit_size, load_tokens, save_tokens, tokenize_corpus,
-                                     train_gpt)
+from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_size, stage_tokenizer, train_gpt
 
 RECIPES = {
     # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); total <= 90
@@ -215,10 +214,8 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"])
     out = Path(out)
     work = out / "work"
-    tok_path = work / "tokenizer.safetensors"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path} is missing: train the tokenizer first "
-                                f"(`eartalk train tokenizer --recipe {name} --data {corpus} --out {out}`)")
+    tok_path = stage_tokenizer(out, f"train the tokenizer first (`eartalk train tokenizer --recipe {name} "
+                                    f"--data {corpus} --out {out}`)")
     t0 = time.time()
     bundle = new_bundle(cfg, seed)
     bundle.tokenizer = VQTokenizer.load(str(tok_path), cfg)
@@ -229,11 +226,8 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     # validation needs only a few windows (its loss is measured on 4 batches): tokenize a few clips
     limit = {"train": r["max_clips"], "val": r["val_clips"]}
     for split in ("train", "val"):   # cached: a resumed stage does not tokenize the corpus again
-        cache = work / f"tokens_{split}.npz"
-        splits[split] = load_tokens(cache, tok_sha, list_clips(corpus, split)[:limit[split]])
-        if splits[split] is None:
-            splits[split] = tokenize_corpus(bundle, corpus, split, limit[split], progress)
-            save_tokens(cache, splits[split], tok_sha)
+        splits[split] = cached_tokens(bundle, corpus, split, limit[split], work / f"tokens_{split}.npz", tok_sha,
+                                      progress)
     train, val = splits["train"], splits["val"]
     report = {"tokenize_minutes": round((time.time() - t0) / 60, 2), "budget_minutes": r["gpt_minutes"]}
     report.update(train_gpt(bundle, train, val, work, minutes=r["gpt_minutes"], batch=r["gpt_batch"],

@@ -124,6 +124,27 @@ def load_tokens(path: Path, tokenizer_sha256: str, clip_ids: list[str]) -> list[
     return out
 
 
+def cached_tokens(bundle: ModelBundle, corpus: Path, split: str, limit: int | None, cache: Path, key: str,
+                  progress: bool = True) -> list[ClipTokens]:
+    """The first ``limit`` clips of ``split`` tokenized, from ``cache`` when it holds exactly them under
+    ``key`` (the tokenizer's hash, or whatever fixes its codes), else tokenized now and cached."""
+    ids = list_clips(corpus, split)[:limit]
+    data = load_tokens(cache, key, ids)
+    if data is None:
+        data = tokenize_corpus(bundle, corpus, split, limit, progress)
+        save_tokens(cache, data, key)
+    return data
+
+
+def stage_tokenizer(out: Path, how: str) -> Path:
+    """``out/work/tokenizer.safetensors``, what a transformer stage reads; missing, a
+    FileNotFoundError that says ``how`` to make it."""
+    path = Path(out) / "work" / "tokenizer.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {how}")
+    return path
+
+
 def _audio_tokens(bundle: ModelBundle, mel: torch.Tensor, start: int, T: int) -> torch.Tensor:
     """Audio tokens [T, A, F] for frames start..start+T-1, with the encoder's left context."""
     cfg, enc = bundle.cfg, bundle.audio
