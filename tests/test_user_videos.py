@@ -117,7 +117,9 @@ def test_import_command_and_training_on_user_clips(tmp_path, capsys):
     assert main(["import", "--videos", str(folder), "--out", str(corpus), "--size", "32"]) == 0
     n_train, n_val = len(list_clips(corpus, "train")), len(list_clips(corpus, "val"))
     assert n_train + n_val == 3 and n_train >= 1
-    assert f"{n_train} train clips, {n_val} val clips" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{n_train} train clips, {n_val} val clips" in printed
+    assert f"next: eartalk train --from tiny --data {corpus} --mix CORPUS" in printed
     assert main(["import", "--videos", str(tmp_path / "nope"), "--out", str(corpus)]) == 2
     assert "not a folder of videos" in capsys.readouterr().err
     bundle = new_bundle(preset("test"))

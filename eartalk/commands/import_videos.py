@@ -9,11 +9,14 @@ DESCRIPTION = """Import a folder of your own videos into the corpus format that 
 Each mp4 (with an audio track, the face already cropped square) is decoded with PyAV, resampled to
 25 fps and 16 kHz, resized to --size, and written as a clip (frames, wav, json); whole files go
 to the train or validation split (--val-fraction). Re-running skips files already imported at the
-same size. Videos carry no ground-truth controls: the model trains every control as free on them.
+same size. Videos carry no ground-truth controls, so the way to use them is a fine-tune of the
+shipped model (its controls kept; ~9 minutes), with a synthetic corpus mixed in:
 
 example:
   eartalk import --videos my_videos --out data/mine
-  eartalk train --recipe tiny --data data/mine --out runs/mine"""
+  eartalk synth --out data/corpus --clips 200
+  eartalk train --from tiny --data data/mine --mix data/corpus --out runs/mine
+  eartalk generate --model runs/mine --portrait me.png --audio speech.wav --out me.mp4"""
 
 
 def add_arguments(p):
@@ -33,4 +36,6 @@ def run(args) -> int:
     splits = import_user_videos(args.videos, args.out, size=args.size, val_fraction=args.val_fraction,
                                 write_video=args.write_video)
     print(f"imported into {args.out}: {len(splits['train'])} train clips, {len(splits['val'])} val clips")
+    print(f"next: eartalk train --from tiny --data {args.out} --mix CORPUS --out runs/mine "
+          f"(CORPUS from `eartalk synth --out CORPUS --clips 200`)")
     return 0
