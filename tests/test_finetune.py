@@ -116,6 +116,8 @@ def test_a_tokenizer_with_another_encoder_is_refused(dirs, tmp_path):
     other.save(str(out / "work/tokenizer.safetensors"))
     with pytest.raises(ValueError, match="its encoder is not the one of"):
         gpt_stage(base, mine, out, mix, progress=False, budget_scale=SCALE)
+    with pytest.raises(ValueError, match="a decoder stage of another model"):
+        run_finetune(base, mine, out, mix, progress=False, budget_scale=SCALE)
 
 
 def test_without_a_mix_corpus_the_transformer_stage_warns_that_controls_may_weaken(dirs, tmp_path):

@@ -232,8 +232,12 @@ def run_finetune(base: str | Path, data: Path, out: Path, mix: Path | None = Non
     _settings(budget_scale)
     t0 = time.time()
     report = {"from": str(base), "data": str(data), "mix": str(mix) if mix else None}
-    if not (Path(out) / "work" / "tokenizer.safetensors").exists():
+    done = Path(out) / "work" / "tokenizer.safetensors"
+    if not done.exists():
         report["tokenizer"] = decoder_stage(base, data, out, mix, progress, seed, budget_scale)
+    elif encoder_digest(VQTokenizer.load(str(done))) != encoder_digest(load_bundle(base).tokenizer):
+        raise ValueError(f"{done}: a decoder stage of another model than {base!r} (its encoder differs); "
+                         f"fine-tune into a new --out")
     report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
     if transformer:
         report["gpt"] = gpt_stage(base, data, out, mix, progress, seed, budget_scale)
