@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from eartalk.data.corpus import list_clips
-from eartalk.model.bundle import load_bundle, read_card, save_bundle
-from eartalk.model.recipe import RECIPES, tokenizer_frames
+from eartalk.model.bundle import load_bundle, save_bundle
+from eartalk.model.recipe import RECIPES, check_budget_scale, tokenizer_frames
 from eartalk.model.tokenizer import VQTokenizer, held_out_scores, train_tokenizer
 from eartalk.model.train_gpt import ClipTokens, cached_tokens, stage_tokenizer, train_gpt
 
@@ -52,9 +51,8 @@ DECODER_PARTS = ("ref_encoder", "dec_in", "attn_q", "attn_kv", "attn_out", "dec_
 
 
 def _settings(budget_scale: float) -> dict:
-    if not (isinstance(budget_scale, (int, float)) and math.isfinite(budget_scale) and budget_scale > 0):
-        raise ValueError(f"budget scale {budget_scale!r}: expected a positive number, the factor on the "
-                         f"fine-tune's minutes")
+    """:data:`FINETUNE` with both stages' minutes times ``budget_scale``."""
+    check_budget_scale(budget_scale, "fine-tune's")
     s = dict(FINETUNE)
     s["dec_minutes"] *= budget_scale
     s["gpt_minutes"] *= budget_scale
@@ -153,18 +151,29 @@ def decoder_stage(base: str | Path, data: Path, out: Path, mix: Path | None = No
              frames=n_user, mix_frames=len(d["frames"]) - n_user, val_frames=len(val[0]) if val else 0,
              val_psnr_before=before, budget_minutes=s["dec_minutes"], trainable_tensors=len(trainable))
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
-    _save(bundle, base, data, out, mix, {"decoder": m}, n_clips=len(list_clips(data, "train")))
+    _save(bundle, base, bundle.meta, data, out, mix, {"decoder": m}, n_clips=len(list_clips(data, "train")))
     return m
 
 
-def _save(bundle, base, data: Path, out: Path, mix: Path | None, training: dict, n_clips: int) -> None:
-    """The fine-tuned bundle, its card naming the base model (hash, recipe, training) it came from."""
-    base_card = read_card(base)
+def _save(bundle, base, base_card: dict, data: Path, out: Path, mix: Path | None, training: dict,
+          n_clips: int) -> None:
+    """The fine-tuned bundle, its card naming the base model (``base_card``: its card as loaded; hash,
+    recipe, training) it came from."""
     save_bundle(bundle, out, recipe="finetune", training=training,
                 finetuned_from={"model": str(base), "sha256": base_card.get("sha256"),
                                 "recipe": base_card.get("recipe"), "training": base_card.get("training")},
                 trained_on={**(base_card.get("trained_on") or {}), "user_data": str(data),
                             "user_clips": n_clips, "mix": str(mix) if mix else None})
+
+
+def _stage_tokenizer_of(path: Path, digest: str, base, cfg=None) -> VQTokenizer:
+    """The decoder stage's tokenizer at ``path``, refused unless its encoder's digest is ``digest``
+    (the base model's): otherwise its codes are not the ones the base transformer was trained on."""
+    tok = VQTokenizer.load(str(path), cfg)
+    if encoder_digest(tok) != digest:
+        raise ValueError(f"{path}: its encoder is not the one of {base!r} (a decoder stage of another model), so "
+                         f"its codes are not the ones the transformer was trained on; fine-tune into a new --out")
+    return tok
 
 
 def mix_clips(user: list[ClipTokens], synthetic: list[ClipTokens], share: float) -> list[ClipTokens]:
@@ -194,10 +203,7 @@ def gpt_stage(base: str | Path, data: Path, out: Path, mix: Path | None = None, 
     bundle = load_bundle(base)
     base_meta = dict(bundle.meta)
     digest = encoder_digest(bundle.tokenizer)
-    bundle.tokenizer = VQTokenizer.load(str(tok_path), bundle.cfg)
-    if encoder_digest(bundle.tokenizer) != digest:
-        raise ValueError(f"{tok_path}: its encoder is not the one of {base!r}, so its codes are not the ones the "
-                         f"transformer was trained on; run the decoder stage again into a new --out")
+    bundle.tokenizer = _stage_tokenizer_of(tok_path, digest, base, bundle.cfg)
     for p in bundle.tokenizer.parameters():
         p.requires_grad_(False)
     # tokens depend on the encoder alone, so the caches are keyed by its digest
@@ -218,10 +224,12 @@ def gpt_stage(base: str | Path, data: Path, out: Path, mix: Path | None = None, 
                             corrupt=r["gpt_corrupt"], lr=s["gpt_lr"], warmup=s["gpt_warmup"],
                             start_prob=r["gpt_start"], mouth_weight=0.0, change_weight=r["gpt_change"],
                             portrait_share=r["gpt_portrait"], plausible=r["gpt_plausible"],
-                            stale_prob=r["gpt_stale"], draft_prob=r["gpt_refine"] if bundle.cfg.refine else 0.0, seed=seed, progress=progress))
+                            stale_prob=r["gpt_stale"], draft_prob=r["gpt_refine"] if bundle.cfg.refine else 0.0,
+                            seed=seed, progress=progress))
     rep_path = work / "tokenizer_report.json"
     dec_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
-    _save(bundle, base, data, out, mix, {"decoder": dec_report, "gpt": report}, n_clips=len(user["train"]))
+    _save(bundle, base, base_meta, data, out, mix, {"decoder": dec_report, "gpt": report},
+          n_clips=len(user["train"]))
     return report
 
 
@@ -235,9 +243,8 @@ def run_finetune(base: str | Path, data: Path, out: Path, mix: Path | None = Non
     done = Path(out) / "work" / "tokenizer.safetensors"
     if not done.exists():
         report["tokenizer"] = decoder_stage(base, data, out, mix, progress, seed, budget_scale)
-    elif encoder_digest(VQTokenizer.load(str(done))) != encoder_digest(load_bundle(base).tokenizer):
-        raise ValueError(f"{done}: a decoder stage of another model than {base!r} (its encoder differs); "
-                         f"fine-tune into a new --out")
+    elif not transformer:   # the transformer stage checks the same itself
+        _stage_tokenizer_of(done, encoder_digest(load_bundle(base).tokenizer), base)
     report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
     if transformer:
         report["gpt"] = gpt_stage(base, data, out, mix, progress, seed, budget_scale)

@@ -131,13 +131,20 @@ def _tokenizer_sheet(tok, v: dict, path: Path, n: int = 6) -> Path:
                             [f"val frame {i}" for i in at], title="tokenizer on held-out frames")
 
 
+def check_budget_scale(budget_scale, whose: str) -> float:
+    """``budget_scale`` when it is a positive finite number, else a ValueError naming ``whose`` minutes
+    it multiplies (the recipe's, the fine-tune's)."""
+    if not (isinstance(budget_scale, (int, float)) and math.isfinite(budget_scale) and budget_scale > 0):
+        raise ValueError(f"budget scale {budget_scale!r}: expected a positive number, the factor on the {whose} "
+                         f"minutes (2.5 on a CPU 2.5x slower than the one that made the shipped model)")
+    return budget_scale
+
+
 def _recipe(name: str, budget_scale: float = 1.0) -> dict:
     """Recipe ``name`` with its stages' minutes (``tok_minutes``, ``gpt_minutes``) times ``budget_scale``."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
-    if not (isinstance(budget_scale, (int, float)) and math.isfinite(budget_scale) and budget_scale > 0):
-        raise ValueError(f"budget scale {budget_scale!r}: expected a positive number, the factor on the recipe's "
-                         f"minutes (2.5 on a CPU 2.5x slower than the one that made the shipped model)")
+    check_budget_scale(budget_scale, "recipe's")
     r = dict(RECIPES[name])
     r["tok_minutes"] *= budget_scale
     r["gpt_minutes"] *= budget_scale
