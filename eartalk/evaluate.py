@@ -12,6 +12,10 @@ through the streaming runtime:
   each open/closed switch, emotion recognised (target: >= 90 % of frames). Where the pinned frames
   lose their PSNR is drawn as a map (``<report>.error.png``: mean squared error per pixel, the model
   beside its tokenizer and their difference).
+- **blink-step run**: the same pins, but the blink pinned as a user pins it, shut for 1-8 frames
+  then open (``eartalk/blink_steps.py``): the share of pulses whose first frame reads shut, whose
+  first open frame reads open, and of all shut frames. Its ceilings are the renderer's frames of the
+  same pins (``synth.rerender``) and those frames through the tokenizer.
 - **free run**: no controls (the runtime's idle motion in silence, as in the product). Gives
   lip-sync: Pearson r of the probe's mouth openness with the ground truth, viseme accuracy.
 - **drift**: one clip's audio looped to ``frames_drift`` frames, controls free; cosine distance of
@@ -43,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eartalk.blink_steps import blink_steps, step_metrics
 from eartalk.frame_sheet import save_frame_sheet
 
 __all__ = ["psnr", "ssim", "pearson", "pinned_timeline", "evaluate", "format_table", "drift_checkpoints", "drift_windows"]
@@ -204,6 +209,16 @@ def _reconstruct(tokenizer, frames: np.ndarray, portrait: np.ndarray, batch: int
             pp = p.expand(len(x), -1, -1, -1)
             out.append(to_uint8_frames(tokenizer.reconstruct(x, pp).numpy()))
     return np.concatenate(out) if out else np.zeros_like(frames)
+
+
+def _rerender(clip, gt: dict) -> np.ndarray:
+    """The renderer's frames of ``gt`` for ``clip``'s face, at the clip's own size."""
+    from eartalk.data.synth import rerender
+    ident = clip.meta.get("identity") if isinstance(clip.meta, dict) else None
+    if ident is None:
+        raise ValueError(f"clip {clip.clip_id} has no identity in its metadata (.json); eval re-renders its face "
+                         "with the blink pinned in steps and needs a synthetic clip's identity")
+    return rerender(ident, gt, np.asarray(clip.frames).shape[1])
 
 
 def _cat(parts: list[dict]) -> dict:
@@ -375,6 +390,7 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     cfg = backend.cfg
     t0 = time.perf_counter()
     pinned, free, truth, labels, per_clip = [], [], [], [], []
+    steps, step_ours, step_truth, step_recon = [], [], [], []    # the blink-step run's pins and readings
     psnrs, ssims = [], []
     tokenizer = getattr(getattr(backend, "bundle", None), "tokenizer", None)
     recon, r_psnrs, r_ssims = [], [], []
@@ -399,12 +415,18 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                                     refine=refine, guidance=guidance, decode=decode)
             gen_free = _frames_of(backend, portrait, clip.audio, (), seed, refine=refine, guidance=guidance,
                                   decode=decode)
-            m = min(n, len(gen_pinned), len(gen_free))
+            step_gt = {**clip.gt, "blink": blink_steps(n)}
+            gen_step = _frames_of(backend, portrait, clip.audio, pinned_timeline(step_gt, n), seed, refine=refine,
+                                  guidance=guidance, decode=decode)
+            m = min(n, len(gen_pinned), len(gen_free), len(gen_step))
+            step_renders = fit_size(_rerender(clip, step_gt), cfg.image_size)[:m]
             lab = {k: np.asarray(clip.gt[k])[:m] for k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink",
                                                            "emotion", "mouth_open", "viseme")}
             lab["first"] = (np.arange(m) == 0).astype(np.int64)
             p_pin, p_free, p_gt = _probe(probe, gen_pinned[:m]), _probe(probe, gen_free[:m]), _probe(probe, gt_frames[:m])
             pinned.append(p_pin), free.append(p_free), truth.append(p_gt), labels.append(lab)
+            steps.append(step_gt["blink"][:m])
+            step_ours.append(_probe(probe, gen_step[:m])["blink"]), step_truth.append(_probe(probe, step_renders)["blink"])
             rec = None
             if tokenizer is not None:
                 rec = _reconstruct(tokenizer, gt_frames[:m], portrait)
@@ -412,12 +434,14 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
                 r_psnrs += [psnr(a, b) for a, b in zip(rec, gt_frames)]
                 r_ssims += [ssim(a, b) for a, b in zip(rec, gt_frames)]
                 err_tok = err_tok + pixel_mse(rec[:m], gt_frames[:m])
+                step_recon.append(_probe(probe, _reconstruct(tokenizer, step_renders, portrait))["blink"])
             err_model = err_model + pixel_mse(np.stack(gen_pinned[:m]), gt_frames[:m])
             err_n += m
             psnrs += c_psnr[:m]
             ssims += c_ssim[:m]
             per_clip.append({"clip": cid, "frames": m, "psnr_db": _mean_psnr(c_psnr[:m]), "ssim": float(np.mean(c_ssim[:m])),
-                             **_lipsync_metrics(p_free, lab), **_control_metrics(p_pin, lab)})
+                             **_lipsync_metrics(p_free, lab), **_control_metrics(p_pin, lab),
+                             **step_metrics(step_ours[-1], steps[-1])})
             if first is None:
                 first = (clip, portrait, gt_frames)
             if len(sheet_rows) < SHEET_CLIPS and m:
@@ -435,12 +459,14 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     ref_frame = first[2][0]                     # the renders against themselves: inf / 1.0
     metrics = {"psnr_db": _mean_psnr(psnrs), "ssim": float(np.mean(ssims)),
                **_lipsync_metrics(F, lab), **_control_metrics(P, lab),
+               **step_metrics(np.concatenate(step_ours), np.concatenate(steps)),
                "drift_slope_per_1000_frames": drift["slope_per_1000_frames"], "drift_ratio": drift["ratio"],
                "drift_ratio_single_frame": drift["ratio_single_frame"],
                "drift_slope_pinned_per_1000_frames": drift_pinned["slope_per_1000_frames"],
                "drift_ratio_pinned": drift_pinned["ratio"]}
     ceiling = {"psnr_db": psnr(ref_frame, ref_frame), "ssim": ssim(ref_frame, ref_frame),
                **_lipsync_metrics(G, lab), **_control_metrics(G, lab),
+               **step_metrics(np.concatenate(step_truth), np.concatenate(steps)),
                "drift_slope_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
                "drift_ratio": drift["ceiling"]["ratio"], "drift_ratio_single_frame": drift["ceiling"]["ratio_single_frame"],
                "drift_slope_pinned_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
@@ -449,7 +475,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
     if recon:       # same lab: pinned and free metrics alike come from the reconstructed truth
         R = _cat(recon)
         tok_ceiling = {"psnr_db": _mean_psnr(r_psnrs), "ssim": float(np.mean(r_ssims)),
-                       **_lipsync_metrics(R, lab), **_control_metrics(R, lab)}
+                       **_lipsync_metrics(R, lab), **_control_metrics(R, lab),
+                       **step_metrics(np.concatenate(step_recon), np.concatenate(steps))}
     plot = out.with_name(out.stem + ".drift.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot_drift(drift, plot, drift_pinned)
@@ -519,6 +546,9 @@ ROWS = (("psnr_db", "PSNR (dB), pinned", ".2f"), ("ssim", "SSIM, pinned", ".4f")
         ("roll_mae_deg", "roll MAE (deg), pinned", ".2f"), ("gaze_mae", "gaze MAE (travel -1..1), pinned", ".3f"),
         ("blink_accuracy", "blink obeyed, all frames", ".3f"),
         ("blink_next_frame_accuracy", "blink obeyed, frame after a switch", ".3f"),
+        ("blink_step_shut_accuracy", "blink pinned shut in a step, that frame", ".3f"),
+        ("blink_step_open_accuracy", "blink pinned open in a step, that frame", ".3f"),
+        ("blink_step_shut_frames", "blink pinned shut in a step, every frame", ".3f"),
         ("emotion_accuracy", f"emotion recognised (target >= {EMOTION_TARGET:.0%})", ".3f"),
         ("drift_slope_per_1000_frames", "identity drift slope / 1000 frames", ".2e"),
         ("drift_ratio", "identity drift dist(last)/dist(ref), loop means", ".3f"),

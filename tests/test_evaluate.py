@@ -141,6 +141,7 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert rep["clips"] == ids and len(rep["per_clip"]) == len(ids)
     keys = {"psnr_db", "ssim", "mouth_open_pearson_r", "viseme_accuracy", "yaw_mae_deg", "pitch_mae_deg",
             "roll_mae_deg", "gaze_mae", "blink_accuracy", "blink_next_frame_accuracy", "emotion_accuracy", "emotion_target_met",
+            "blink_step_shut_accuracy", "blink_step_open_accuracy", "blink_step_shut_frames",
             "drift_slope_per_1000_frames", "drift_ratio"}
     assert keys <= set(rep["metrics"]) and keys <= set(rep["ceiling"])
     assert 0 < rep["metrics"]["psnr_db"] < 100 and -1 <= rep["metrics"]["ssim"] < 1
@@ -193,6 +194,22 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert rep["ceiling"]["gaze_mae"] == pytest.approx(
         (np.mean(np.abs(p["gaze_x"] - gl["gaze_x"])) + np.mean(np.abs(p["gaze_y"] - gl["gaze_y"]))) / 2, rel=1e-5)
     assert rep["ceiling"]["emotion_accuracy"] == pytest.approx(np.mean(p["emotion"] == gt["emotion"]))
+
+    # the blink-step run: its ceiling is the probe on the renderer's frames of the stepped pins
+    from eartalk.blink_steps import blink_steps, step_metrics
+    from eartalk.data.synth import rerender
+    steps, shut = [], []
+    for c in ids:
+        clip = load_clip(d, c)
+        st = blink_steps(len(clip.gt["blink"]))
+        steps.append(st)
+        shut.append(predict(probe, fit_size(rerender(clip.meta["identity"], {**clip.gt, "blink": st}, 32),
+                                            probe.cfg.image_size))["blink"])
+    want = step_metrics(np.concatenate(shut), np.concatenate(steps))
+    for k, v in want.items():
+        assert rep["ceiling"][k] == (pytest.approx(v) if v == v else None)
+    assert rep["metrics"]["blink_step_pulses"] == want["blink_step_pulses"] == sum(c["blink_step_pulses"] for c in rep["per_clip"])
+    assert want["blink_step_pulses"] > 0 and "blink pinned shut in a step" in printed
 
     # the tokenizer ceiling: the same probe on the truth encoded and decoded by the bundle's tokenizer
     from eartalk.model.bundle import load_bundle

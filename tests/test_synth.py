@@ -109,3 +109,17 @@ def test_cli_help_and_error_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eartalk.cli", "synth", "--out", str(tmp_path), "--clips", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--clips must be a positive integer" in r.stderr
+
+
+def test_rerender_gives_a_clips_frames_back_bit_for_bit_and_renders_a_changed_blink(twin_corpora):
+    a, _ = twin_corpora
+    clip = corpus.load_clip(a, corpus.list_clips(a)[0])
+    frames = np.asarray(clip.frames)
+    assert np.array_equal(synth.rerender(clip.meta["identity"], clip.gt, 64), frames)
+    blink = np.zeros(len(frames))
+    blink[3] = 1.0
+    shut = synth.rerender(clip.meta["identity"], {**clip.gt, "blink": blink}, 64)
+    changed = set(np.flatnonzero((shut != frames).any(axis=(1, 2, 3))))
+    diff = np.abs(blink - np.asarray(clip.gt["blink"]))
+    assert changed <= set(np.flatnonzero(diff > 0))                  # nothing else moved
+    assert set(np.flatnonzero(diff >= 0.2)) <= changed and 3 in changed   # its own blinks opened, frame 3 shut

@@ -167,13 +167,34 @@ def ground_truth(track, ctl: dict, ident, plan: ClipPlan, n: int) -> dict[str, n
         "viseme": np.asarray(track.viseme[:n], np.int64),
     }
     for j, name in enumerate(MOUTH_FIELDS):
-        gt["mouth_" + name if name in ("open", "width") else name] = np.asarray(track.shape[:n, j], np.float32)
+        gt[gt_column(name)] = np.asarray(track.shape[:n, j], np.float32)
     for k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion", "emotion_intensity"):
         gt[k] = np.asarray(ctl[k][:n])
     gt["identity"] = np.full(n, plan.identity_id, np.int64)
     for j, v in enumerate(ident.identity_vector()):
         gt[f"id_{j}"] = np.full(n, float(v), np.float32)
     return gt
+
+
+def gt_column(mouth_field: str) -> str:
+    """The ground-truth column of a :class:`MouthShape` field (``open`` -> ``mouth_open``)."""
+    return "mouth_" + mouth_field if mouth_field in ("open", "width") else mouth_field
+
+
+def rerender(identity_dict: dict, gt: dict, size: int) -> np.ndarray:
+    """uint8 ``[T, size, size, 3]``: the frames that ground-truth columns ``gt`` (as
+    :func:`ground_truth` names them) describe, rendered again. A clip's own ``gt`` gives its frames
+    back bit for bit, so a changed column (eval's stepped blink) renders what its truth would be."""
+    ident = identity.Identity.from_dict(identity_dict)
+    n = len(gt["blink"])
+    out = np.empty((n, size, size, 3), np.uint8)
+    for t in range(n):
+        state = face.FaceState(
+            mouth=MouthShape(*(float(gt[gt_column(f)][t]) for f in MOUTH_FIELDS)),
+            **{k: float(gt[k][t]) for k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink")},
+            emotion=int(gt["emotion"][t]), emotion_intensity=float(gt["emotion_intensity"][t]))
+        out[t] = face.render(ident, state, size=size)
+    return out
 
 
 def _summary(gt: dict) -> dict:
