@@ -9,10 +9,11 @@ from eartalk.model.bundle import read_card
 from eartalk.model.recipe import RECIPES, _recipe, step_shortfall
 
 
-def test_budget_scale_multiplies_both_stages_minutes_and_nothing_else():
+def test_budget_scale_multiplies_every_stages_minutes_and_nothing_else():
     r = _recipe("tiny", 2.5)
     assert r["tok_minutes"] == RECIPES["tiny"]["tok_minutes"] * 2.5 == 62.5
     assert r["gpt_minutes"] == RECIPES["tiny"]["gpt_minutes"] * 2.5 == 112.5
+    assert r["dec_minutes"] == RECIPES["tiny"]["dec_minutes"] * 2.5 == 20
     assert {k: v for k, v in r.items() if not k.endswith("minutes")} == \
         {k: v for k, v in RECIPES["tiny"].items() if not k.endswith("minutes")}
     assert RECIPES["tiny"]["gpt_minutes"] == 45          # the table itself is untouched

@@ -12,19 +12,23 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
       probe.safetensors, probe.json, report.json/.md (held-out accuracy) and loss.png.
 
   eartalk train --recipe tiny --data data/corpus --out runs/tiny
-      the whole model (tokenizer, then audio encoder + transformer) as the shipped default was
-      made; resumable (finished stages are kept in OUT/work). Writes OUT/model.safetensors +
+      the whole model (tokenizer, then audio encoder + transformer, then the tokenizer's decoder
+      again) as the shipped default was made; resumable (finished stages are kept in OUT/work). Writes OUT/model.safetensors +
       OUT/model.json (config and weights hash), curves as PNG. Copy OUT to eartalk/assets/models/tiny
       to ship it.
 
   eartalk train tokenizer --recipe tiny --data data/corpus --out runs/tiny
   eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny
-      the recipe's two stages one at a time: the tokenizer (OUT/work/tokenizer.safetensors, its
+  eartalk train decoder --recipe tiny --data data/corpus --out runs/tiny
+      the recipe's three stages one at a time: the tokenizer (OUT/work/tokenizer.safetensors, its
       held-out PSNR in OUT/work/tokenizer_report.json, curves in tokenizer_curves.png, held-out
       frames beside their reconstructions in tokenizer_samples.png), then the
-      audio encoder + transformer on the frozen tokenizer (resumes from OUT/work/gpt_ckpt.pt).
+      audio encoder + transformer on the frozen tokenizer (resumes from OUT/work/gpt_ckpt.pt),
+      then the tokenizer's decoder trained on with its encoder frozen (every code keeps its
+      meaning), on the corpus's frames and the same faces re-rendered with the eyes shut, so that a
+      pinned blink is drawn (OUT/work/decoder/).
 
-  The stages stop on time (tiny: tokenizer 25, transformer 45 minutes), so a CPU slower than the one
+  The stages stop on time (tiny: tokenizer 25, transformer 45, decoder 8 minutes), so a CPU slower than the one
   that made the shipped model trains fewer steps, and says so at the end with the --budget-scale
   that would give about the shipped step count. The transformer stage run again with that flag
   resumes from its checkpoint to the new budget; the tokenizer stage trains again from its start:
@@ -46,8 +50,9 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
 
 
 def add_arguments(p):
-    p.add_argument("what", nargs="?", choices=["probe", "tokenizer", "gpt"],
-                   help="probe; or one stage of --recipe or --from (tokenizer, gpt); omit for the whole recipe, or --from's decoder stage")
+    p.add_argument("what", nargs="?", choices=["probe", "tokenizer", "gpt", "decoder"],
+                   help="probe; or one stage of --recipe (tokenizer, gpt, decoder) or --from (decoder, gpt); omit for "
+                        "the whole recipe, or --from's decoder stage")
     p.add_argument("--recipe", choices=None, default=None, help="model recipe: tiny (or smoke, seconds)")
     p.add_argument("--from", dest="base", default=None, metavar="MODEL",
                    help="fine-tune this trained model (preset name or bundle folder) on --data instead of "
@@ -78,9 +83,10 @@ def run(args) -> int:
     if args.base is not None:
         return _finetune(args)
     from eartalk.model import recipe
-    if args.what in ("tokenizer", "gpt"):
+    if args.what in ("tokenizer", "gpt", "decoder"):
+        from eartalk.model.decoder_stage import decoder_stage
         name = args.recipe or "tiny"
-        stage = recipe.tokenizer_stage if args.what == "tokenizer" else recipe.gpt_stage
+        stage = {"tokenizer": recipe.tokenizer_stage, "gpt": recipe.gpt_stage, "decoder": decoder_stage}[args.what]
         rep = stage(name, args.data, args.out, progress=not args.quiet, seed=args.seed, budget_scale=args.budget_scale)
         print({k: v for k, v in rep.items() if k != "val_curve"})
         print(f"{args.what} stage of recipe {name} written to {args.out}")
@@ -113,8 +119,8 @@ def _finetune(args) -> int:
         raise FileNotFoundError(f"--mix {args.mix} is not a corpus (no splits.json); make one with `eartalk synth`")
     from eartalk.model import finetune
     kw = dict(mix=args.mix, progress=not args.quiet, seed=args.seed, budget_scale=args.budget_scale)
-    if args.what in ("tokenizer", "gpt"):
-        stage = finetune.decoder_stage if args.what == "tokenizer" else finetune.gpt_stage
+    if args.what in ("tokenizer", "gpt", "decoder"):      # a fine-tune's tokenizer stage is its decoder stage
+        stage = finetune.gpt_stage if args.what == "gpt" else finetune.decoder_stage
         rep = stage(args.base, args.data, args.out, **kw)
         print({k: v for k, v in rep.items() if k != "val_curve"})
         print(f"{args.what} stage of the fine-tune of {args.base} written to {args.out}")
@@ -133,7 +139,7 @@ def _shortfall(name: str, reports: dict, budget_scale: float) -> None:
     import sys
 
     from eartalk.model.recipe import step_shortfall
-    for stage in ("tokenizer", "gpt"):
+    for stage in ("tokenizer", "gpt", "decoder"):
         if isinstance(reports.get(stage), dict) and "steps" in reports[stage]:
             notice = step_shortfall(name, stage, int(reports[stage]["steps"]), budget_scale)
             if notice:

@@ -43,8 +43,13 @@ def expression_maps(clip, at: np.ndarray) -> np.ndarray | None:
     at = np.asarray(at, np.int64)
     if len(at) and (at.min() < 0 or at.max() >= len(frames)):
         raise ValueError(f"clip {clip.clip_id}: frame indices {at.min()}..{at.max()} outside 0..{len(frames) - 1}")
-    neutral = neutral_frames(ident, clip.gt, at, frames.shape[1])
-    diff = np.abs(frames[at].astype(np.int16) - neutral).sum(-1)
+    return maps_of(frames[at], neutral_frames(ident, clip.gt, at, frames.shape[1]))
+
+
+def maps_of(frames: np.ndarray, neutral: np.ndarray) -> np.ndarray:
+    """uint8 ``[T, H, W]``: the expression maps of ``frames`` against their ``neutral`` renders
+    (:func:`neutral_frames` of the same states), for frames rendered rather than read from a clip."""
+    diff = np.abs(frames.astype(np.int16) - neutral).sum(-1)
     m = np.minimum(diff / FULL_DIFF, 1.0)
     pad = np.pad(m, ((0, 0), (1, 1), (1, 1)))
     h, w = m.shape[1:]

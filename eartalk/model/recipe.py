@@ -55,15 +55,20 @@ RECIPES = {
     # transformer stage gained gaze and emotion but lost 0.28 dB on the same machine and minutes
     # (docs/model-history.md, session 27). gpt_readout_ramp: the fractions of the stage over which
     # that weight rises from 0 (train_gpt readout_ramp).
+    # dec_*: stage 3 (eartalk.model.decoder_stage), the decoder trained on with the encoder frozen:
+    # its minutes (0: no stage), peak learning rate, every dec_every-th frame of each training clip,
+    # and one clip in dec_shut_clips also re-rendered with the eyes shut (as many frames again).
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0,
                  frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
-                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24),
+                 gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24,
+                 dec_minutes=8, dec_lr=5e-4, dec_every=12, dec_shut_clips=2),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
                   frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
-                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4),
+                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4,
+                  dec_minutes=0.1, dec_lr=5e-4, dec_every=4, dec_shut_clips=2),
 }
 
 
@@ -141,13 +146,15 @@ def check_budget_scale(budget_scale, whose: str) -> float:
 
 
 def _recipe(name: str, budget_scale: float = 1.0) -> dict:
-    """Recipe ``name`` with its stages' minutes (``tok_minutes``, ``gpt_minutes``) times ``budget_scale``."""
+    """Recipe ``name`` with its stages' minutes (``tok_minutes``, ``gpt_minutes``, ``dec_minutes``) times
+    ``budget_scale``."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
     check_budget_scale(budget_scale, "recipe's")
     r = dict(RECIPES[name])
     r["tok_minutes"] *= budget_scale
     r["gpt_minutes"] *= budget_scale
+    r["dec_minutes"] *= budget_scale
     return r
 
 
@@ -166,10 +173,11 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0)
     shipped = int(card.get("training", {}).get(stage, {}).get("steps") or 0)
     if not shipped or steps >= 0.9 * shipped:
         return None
-    minutes = r["tok_minutes" if stage == "tokenizer" else "gpt_minutes"]
+    minutes = r[{"tokenizer": "tok_minutes", "gpt": "gpt_minutes", "decoder": "dec_minutes"}[stage]]
     scale = math.ceil(budget_scale * shipped / max(steps, 1) * 10) / 10
     # the transformer resumes from its checkpoint; the tokenizer has none and trains again
-    again = "the stage resumes from its checkpoint" if stage == "gpt" else "the stage trains again from its start"
+    again = {"gpt": "the stage resumes from its checkpoint", "tokenizer": "the stage trains again from its start",
+             "decoder": "run the transformer stage again first: it rewrites the model without this stage"}[stage]
     return (f"the {stage} stage trained {steps:,} steps in its {minutes:g} minutes; the shipped {r['preset']!r} "
             f"model's had {shipped:,}: this CPU is slower than the one that made it, so this model will measure "
             f"below the model card. `eartalk train {stage} --recipe {name} ... --budget-scale {scale:g}` trains "
@@ -255,7 +263,9 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
 
 def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
                budget_scale: float = 1.0) -> dict:
-    """Both stages; a finished tokenizer (``out/work/tokenizer.safetensors``) is kept, not redone."""
+    """The three stages; a finished tokenizer (``out/work/tokenizer.safetensors``) is kept, not redone,
+    and the transformer resumes from its checkpoint."""
+    from eartalk.model.decoder_stage import decoder_stage
     _recipe(name, budget_scale)
     t0 = time.time()
     report = {"recipe": name, "corpus": str(corpus)}
@@ -263,5 +273,7 @@ def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: 
         report["tokenizer"] = tokenizer_stage(name, corpus, out, progress, seed, budget_scale)
     report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
     report["gpt"] = gpt_stage(name, corpus, out, progress, seed, budget_scale)
+    if RECIPES[name]["dec_minutes"] > 0:
+        report["decoder"] = decoder_stage(name, corpus, out, progress, seed, budget_scale)
     report["total_minutes"] = round((time.time() - t0) / 60, 2)
     return report

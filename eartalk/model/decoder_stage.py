@@ -1,0 +1,127 @@
+"""The recipe's third stage: the tokenizer's decoder trained on after the transformer, with the
+encoder frozen, on the corpus's frames and on the same faces re-rendered with the eyes shut.
+
+Why: a pinned blink was not shown when the decoder could not draw it. With the blink pinned shut
+for 1-8 frames (``eartalk/blink_steps.py``), 8 test clips showed it on 76% of the pulses' first
+frames, every miss a closing; the renders showed all of them. The codes carried it (a shut and an
+open render of the same state differ in 25-44 of a frame's 64 tokens), but the decoder, which
+warps the portrait and so starts from open eyes, drew the shut codes of some faces and poses
+open: the corpus shows shut eyes on about 5% of its frames. The renderer can make the frames
+that are missing: any training frame's state with the blink pinned shut (``synth.rerender``).
+
+The encoder's weights are checked unchanged after training (``finetune.encoder_digest``): every
+frame keeps the code the transformer was trained on, so the transformer needs no retraining.
+The fine-tune on a person's videos (``finetune.py``) trains the same parts with no shut renders
+(a user's clips have no identity to render).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from eartalk.data.corpus import list_clips, load_clip
+from eartalk.data.expression_map import maps_of, neutral_frames
+from eartalk.data.synth import rerender
+from eartalk.model.bundle import load_bundle, save_bundle
+from eartalk.model.finetune import _freeze_encoder, encoder_digest
+from eartalk.model.recipe import _recipe, tokenizer_frames
+from eartalk.model.tokenizer import VQTokenizer, held_out_scores, train_tokenizer
+from eartalk.model.train_gpt import fit_size
+
+__all__ = ["SHUT_VALUES", "shut_eye_frames", "decoder_stage"]
+
+SHUT_VALUES = (1.0, 1.0, 0.8, 0.6)      # blink values drawn for a shut render: mostly fully shut
+
+
+def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every: int, max_clips, seed: int,
+                    progress: bool) -> dict:
+    """One clip in ``clip_every`` of ``split`` (the first ``max_clips``), every ``every``-th frame
+    from a random offset, re-rendered with the blink drawn from :data:`SHUT_VALUES` and everything
+    else as it was: ``frames`` uint8 ``[M, 3, S, S]``, ``index`` (the clip's position in
+    ``list_clips(corpus, split)``, as :func:`tokenizer_frames` numbers its portraits), ``at`` (the
+    frame's number in its clip), ``blink`` (the value drawn) and ``exprs`` (their expression maps)."""
+    if clip_every < 1 or every < 1:
+        raise ValueError(f"shut_eye_frames: every={every}, clip_every={clip_every}: expected both >= 1")
+    rng = np.random.default_rng([seed, 29])
+    frames, index, exprs, ats, blinks = [], [], [], [], []
+    ids = list_clips(corpus, split)[:max_clips]
+    for i, cid in enumerate(tqdm(ids, desc=f"rendering {split} frames with the eyes shut", unit="clip",
+                                 disable=not progress)):
+        if i % clip_every:
+            continue
+        clip = load_clip(corpus, cid, frames=False)
+        ident = clip.meta.get("identity") if isinstance(clip.meta, dict) else None
+        if ident is None or clip.gt is None:
+            continue                        # an imported video: no face to render
+        n = len(clip.gt["blink"])
+        at = np.arange(int(rng.integers(0, every)), n, every)
+        sub = {k: np.asarray(v)[at] for k, v in clip.gt.items()}
+        sub["blink"] = rng.choice(SHUT_VALUES, len(at))
+        own = int(clip.meta.get("size") or size)
+        f = rerender(ident, sub, own)
+        m = maps_of(f, neutral_frames(ident, sub, np.arange(len(at)), own))
+        frames.append(np.moveaxis(fit_size(f, size), -1, -3))
+        exprs.append(fit_size(np.repeat(m[..., None], 3, -1), size)[..., 0])
+        index.append(np.full(len(at), i))
+        ats.append(at)
+        blinks.append(sub["blink"])
+    if not frames:
+        return dict(frames=np.zeros((0, 3, size, size), np.uint8), index=np.zeros(0, np.int64),
+                    at=np.zeros(0, np.int64), blink=np.zeros(0), exprs=np.zeros((0, size, size), np.uint8))
+    return dict(frames=np.ascontiguousarray(np.concatenate(frames)), index=np.concatenate(index),
+                at=np.concatenate(ats), blink=np.concatenate(blinks), exprs=np.concatenate(exprs))
+
+
+def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
+                  budget_scale: float = 1.0) -> dict:
+    """Stage 3 (``eartalk train decoder``): the bundle of stage 2 (``out/model.safetensors``) with
+    its tokenizer's decoder trained ``dec_minutes`` on the train split's frames plus
+    :func:`shut_eye_frames`; rewrites the bundle, its card's training gaining ``decoder``, and
+    ``out/work/decoder/`` (curves, weights, ``tokenizer_report.json``). Run again, it trains again
+    from the tokenizer stage's decoder (``out/work/tokenizer.safetensors``)."""
+    r = _recipe(name, budget_scale)
+    out = Path(out)
+    if not (out / "model.json").exists():
+        raise FileNotFoundError(f"{out}: no model.json; the decoder stage follows the transformer's "
+                                f"(`eartalk train gpt --recipe {name} --data {corpus} --out {out}`)")
+    bundle = load_bundle(out)
+    training = dict(bundle.meta.get("training") or {})
+    if "decoder" in training:       # trained again from stage 1's decoder, not on top of its own
+        first = out / "work" / "tokenizer.safetensors"
+        if not first.exists():
+            raise FileNotFoundError(f"{out}: its model has had its decoder stage, and the tokenizer stage's weights "
+                                    f"({first}) to train it again from are not there")
+        bundle.tokenizer = VQTokenizer.load(str(first), bundle.cfg)
+        if encoder_digest(bundle.tokenizer) != training["decoder"].get("encoder_sha256"):
+            raise ValueError(f"{first}: its encoder is not the one of the model in {out}; its decoder cannot be "
+                             "trained again from it")
+    cfg, tok = bundle.cfg, bundle.tokenizer
+    work = out / "work" / "decoder"        # not work/tokenizer.safetensors: stage 2's token caches key on it
+    work.mkdir(parents=True, exist_ok=True)
+    d = tokenizer_frames(corpus, "train", cfg.image_size, r["dec_every"], r["max_clips"], progress, expr=True)
+    s = shut_eye_frames(corpus, "train", cfg.image_size, r["dec_every"], r["dec_shut_clips"], r["max_clips"], seed,
+                        progress)
+    v = tokenizer_frames(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
+        if list_clips(corpus, "val") else None
+    val = (v["frames"], v["portraits"], v["index"]) if v else None
+    before = held_out_scores(tok, *val)[0] if val else None
+    digest = encoder_digest(tok)
+    _freeze_encoder(tok)
+    m = train_tokenizer(np.concatenate([d["frames"], s["frames"]]), d["portraits"], cfg, steps=10 ** 6,
+                        batch=r["tok_batch"], lr=r["dec_lr"], out_dir=str(work), progress=progress,
+                        portrait_index=np.concatenate([d["index"], s["index"]]), tokenizer=tok, seed=seed,
+                        max_minutes=r["dec_minutes"], val=val, val_every=250, self_every=0,
+                        exprs=np.concatenate([d["exprs"], s["exprs"]]), expr_weight=r["tok_expr"])
+    m.pop("model")
+    tok.eval()
+    if encoder_digest(tok) != digest:   # the codes must not move: the transformer was trained on them
+        raise RuntimeError("the decoder stage changed the tokenizer's encoder; its codes no longer match the "
+                           "transformer's")
+    m.update(frames=int(len(d["frames"])), shut_frames=int(len(s["frames"])), val_frames=len(val[0]) if val else 0, val_psnr_before=before,
+             budget_minutes=r["dec_minutes"], encoder_sha256=digest)
+    (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
+    save_bundle(bundle, out, training={**training, "decoder": m})
+    return m
