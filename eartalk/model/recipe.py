@@ -24,7 +24,7 @@ from eartalk.model.tokenizer import VQTokenizer, state_token_accuracy, train_tok
 from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_size, stage_tokenizer, train_gpt
 
 RECIPES = {
-    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); total <= 90
+    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 8); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); 2026-12-06 on a 2-core EPYC without AVX-512: decoder 8 (1,577 steps) + 3.4 loading and rendering (11.4 end to end); total 89.4 <= 90
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
