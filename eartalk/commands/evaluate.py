@@ -13,6 +13,10 @@ Per clip, the model gets the clip's portrait and speech through the streaming ru
               MAE (the eye's travel, -1..1), blink obeyed (every frame, and the first frame
               after each open/closed switch), emotion recognised by the probe (target >= 90 %
               of frames)
+  blink steps the same pins, but the blink pinned as a user pins it: shut for 1-8 frames, then
+              open (eartalk/blink_steps.py) -> the share of pulses shown shut on their first
+              frame, open again on the first frame after, and of all shut frames; its ceiling
+              is the renderer's frames of the same pins
   free run    controls free -> lip-sync: mouth-openness Pearson r, viseme accuracy
   drift       the first clip's audio looped to --frames-drift frames (each loop fitted to the
               clip's frames, so it stays in step with the looped truth): identity-embedding
