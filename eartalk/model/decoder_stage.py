@@ -26,9 +26,9 @@ from eartalk.data.corpus import list_clips, load_clip
 from eartalk.data.expression_map import maps_of, neutral_frames
 from eartalk.data.synth import rerender
 from eartalk.model.bundle import load_bundle, save_bundle
-from eartalk.model.finetune import _freeze_encoder, encoder_digest
+from eartalk.model.finetune import encoder_digest, train_decoder
 from eartalk.model.recipe import _recipe, tokenizer_frames
-from eartalk.model.tokenizer import VQTokenizer, held_out_scores, train_tokenizer
+from eartalk.model.tokenizer import VQTokenizer
 from eartalk.model.train_gpt import fit_size
 
 __all__ = ["SHUT_VALUES", "shut_eye_frames", "decoder_stage"]
@@ -107,21 +107,12 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
     v = tokenizer_frames(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
     val = (v["frames"], v["portraits"], v["index"]) if v else None
-    before = held_out_scores(tok, *val)[0] if val else None
-    digest = encoder_digest(tok)
-    _freeze_encoder(tok)
-    m = train_tokenizer(np.concatenate([d["frames"], s["frames"]]), d["portraits"], cfg, steps=10 ** 6,
-                        batch=r["tok_batch"], lr=r["dec_lr"], out_dir=str(work), progress=progress,
-                        portrait_index=np.concatenate([d["index"], s["index"]]), tokenizer=tok, seed=seed,
-                        max_minutes=r["dec_minutes"], val=val, val_every=250, self_every=0,
-                        exprs=np.concatenate([d["exprs"], s["exprs"]]), expr_weight=r["tok_expr"])
-    m.pop("model")
-    tok.eval()
-    if encoder_digest(tok) != digest:   # the codes must not move: the transformer was trained on them
-        raise RuntimeError("the decoder stage changed the tokenizer's encoder; its codes no longer match the "
-                           "transformer's")
-    m.update(frames=int(len(d["frames"])), shut_frames=int(len(s["frames"])), val_frames=len(val[0]) if val else 0, val_psnr_before=before,
-             budget_minutes=r["dec_minutes"], encoder_sha256=digest)
+    m = train_decoder(tok, cfg, np.concatenate([d["frames"], s["frames"]]), d["portraits"],
+                      np.concatenate([d["index"], s["index"]]), np.concatenate([d["exprs"], s["exprs"]]), val=val,
+                      lr=r["dec_lr"], batch=r["tok_batch"], minutes=r["dec_minutes"], expr_weight=r["tok_expr"],
+                      out_dir=work, seed=seed, progress=progress)
+    m.update(frames=int(len(d["frames"])), shut_frames=int(len(s["frames"])), val_frames=len(val[0]) if val else 0,
+             budget_minutes=r["dec_minutes"])
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     save_bundle(bundle, out, training={**training, "decoder": m})
     return m

@@ -135,23 +135,36 @@ def decoder_stage(base: str | Path, data: Path, out: Path, mix: Path | None = No
     v = tokenizer_frames(data, "val", cfg.image_size, s["dec_every"] * 4, None, progress) \
         if list_clips(data, "val") else None
     val = (v["frames"], v["portraits"], v["index"]) if v else None
+    m = train_decoder(tok, cfg, d["frames"], d["portraits"], d["index"], d["exprs"], val=val, lr=s["dec_lr"],
+                      batch=s["dec_batch"], minutes=s["dec_minutes"], expr_weight=_base_recipe(bundle.meta)["tok_expr"],
+                      out_dir=work, seed=seed, progress=progress)
+    m.update(stage="decoder", base_model=str(base), base_sha256=bundle.meta.get("sha256"), frames=n_user,
+             mix_frames=len(d["frames"]) - n_user, val_frames=len(val[0]) if val else 0,
+             budget_minutes=s["dec_minutes"])
+    (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
+    _save(bundle, base, bundle.meta, data, out, mix, {"decoder": m}, n_clips=len(list_clips(data, "train")))
+    return m
+
+
+def train_decoder(tok: VQTokenizer, cfg, frames, portraits, index, exprs, *, val, lr: float, batch: int,
+                  minutes: float, expr_weight: float, out_dir: Path, seed: int, progress: bool) -> dict:
+    """Train ``tok``'s :data:`DECODER_PARTS` on ``frames`` (against ``portraits[index]``, their
+    expression maps ``exprs`` weighted by ``expr_weight``) for ``minutes``, its encoder frozen; the
+    stage of the fine-tune and the recipe's third. -> ``train_tokenizer``'s metrics without the model,
+    plus ``val_psnr_before`` (on ``val``), ``encoder_sha256`` and ``trainable_tensors``. A RuntimeError
+    if the encoder's digest moved: the transformer was trained on its codes."""
     before = held_out_scores(tok, *val)[0] if val else None
     digest = encoder_digest(tok)
     trainable = _freeze_encoder(tok)
-    r = _base_recipe(bundle.meta)
-    m = train_tokenizer(d["frames"], d["portraits"], cfg, steps=10 ** 6, batch=s["dec_batch"], lr=s["dec_lr"],
-                        out_dir=str(work), progress=progress, portrait_index=d["index"], tokenizer=tok, seed=seed,
-                        max_minutes=s["dec_minutes"], val=val, val_every=250, self_every=0, exprs=d["exprs"],
-                        expr_weight=r["tok_expr"])
+    m = train_tokenizer(frames, portraits, cfg, steps=10 ** 6, batch=batch, lr=lr, out_dir=str(out_dir),
+                        progress=progress, portrait_index=index, tokenizer=tok, seed=seed, max_minutes=minutes,
+                        val=val, val_every=250, self_every=0, exprs=exprs, expr_weight=expr_weight)
     m.pop("model")
-    if encoder_digest(tok) != digest:   # the codes must not move: the transformer was trained on them
+    tok.eval()
+    if encoder_digest(tok) != digest:
         raise RuntimeError("the decoder stage changed the tokenizer's encoder; its codes no longer match the "
-                           "base model's transformer")
-    m.update(stage="decoder", base_model=str(base), base_sha256=bundle.meta.get("sha256"), encoder_sha256=digest,
-             frames=n_user, mix_frames=len(d["frames"]) - n_user, val_frames=len(val[0]) if val else 0,
-             val_psnr_before=before, budget_minutes=s["dec_minutes"], trainable_tensors=len(trainable))
-    (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
-    _save(bundle, base, bundle.meta, data, out, mix, {"decoder": m}, n_clips=len(list_clips(data, "train")))
+                           "transformer's")
+    m.update(val_psnr_before=before, encoder_sha256=digest, trainable_tensors=len(trainable))
     return m
 
 

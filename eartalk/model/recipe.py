@@ -177,7 +177,7 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0)
     scale = math.ceil(budget_scale * shipped / max(steps, 1) * 10) / 10
     # the transformer resumes from its checkpoint; the tokenizer has none and trains again
     again = {"gpt": "the stage resumes from its checkpoint", "tokenizer": "the stage trains again from its start",
-             "decoder": "run the transformer stage again first: it rewrites the model without this stage"}[stage]
+             "decoder": "the stage trains again from the tokenizer stage's decoder"}[stage]
     return (f"the {stage} stage trained {steps:,} steps in its {minutes:g} minutes; the shipped {r['preset']!r} "
             f"model's had {shipped:,}: this CPU is slower than the one that made it, so this model will measure "
             f"below the model card. `eartalk train {stage} --recipe {name} ... --budget-scale {scale:g}` trains "
