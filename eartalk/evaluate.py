@@ -214,7 +214,7 @@ def _reconstruct(tokenizer, frames: np.ndarray, portrait: np.ndarray, batch: int
 def _rerender(clip, gt: dict) -> np.ndarray:
     """The renderer's frames of ``gt`` for ``clip``'s face, at the clip's own size."""
     from eartalk.data.synth import rerender
-    ident = clip.meta.get("identity") if isinstance(clip.meta, dict) else None
+    ident = clip.identity
     if ident is None:
         raise ValueError(f"clip {clip.clip_id} has no identity in its metadata (.json); eval re-renders its face "
                          "with the blink pinned in steps and needs a synthetic clip's identity")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from eartalk.data.corpus import (clip_done, cleanup_partial, list_clips, load_clip, read_gt_csv,
+from eartalk.data.corpus import (Clip, clip_done, cleanup_partial, list_clips, load_clip, read_gt_csv,
                                  write_clip, write_gt_csv, write_splits)
 
 
@@ -62,10 +62,18 @@ def test_clip_round_trip(tmp_path):
     assert np.max(np.abs(clip.audio - audio)) <= 1 / 32768 + 1e-7
     assert clip.gt["mouth_open"].tolist() == gt["mouth_open"].tolist()
     assert clip.meta["identity"] == {"skin": 0.25, "hue": [1, 2]}
+    assert clip.identity == {"skin": 0.25, "hue": [1, 2]}
     assert clip.meta["n_frames"] == 10 and clip.meta["height"] == 32 and clip.meta["text"] == "hello"
     files = sorted(p.name for p in (tmp_path / "clips").iterdir())
     assert files == ["c0001.frames.npy", "c0001.gt.csv", "c0001.json", "c0001.mp4", "c0001.wav"]
     assert load_clip(tmp_path, "c0001", frames=False).frames is None
+
+
+def test_clip_identity_none_for_an_imported_video(tmp_path):
+    frames, audio, _ = _clip()
+    write_clip(tmp_path, "v0001", frames, audio, None, {"source": "me.mp4"})
+    assert load_clip(tmp_path, "v0001").identity is None
+    assert Clip("x", None, audio, None, meta=None).identity is None
 
 
 def test_identical_clips_give_identical_files(tmp_path):

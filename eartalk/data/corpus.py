@@ -49,6 +49,12 @@ class Clip:
     gt: dict[str, np.ndarray] | None
     meta: dict = field(default_factory=dict)
 
+    @property
+    def identity(self) -> dict | None:
+        """The synthetic face's identity (``Identity.to_dict``), from which its frames can be rendered
+        again; None for an imported video."""
+        return self.meta.get("identity") if isinstance(self.meta, dict) else None
+
 
 def _check_id(clip_id: str) -> str:
     if not isinstance(clip_id, str) or not _CLIP_ID.match(clip_id):

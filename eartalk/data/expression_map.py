@@ -36,7 +36,7 @@ def expression_maps(clip, at: np.ndarray) -> np.ndarray | None:
     """uint8 ``[len(at), H, W]`` at the clip's own size (255 = fully expression, dilated by one
     pixel so the edge of a moving lip counts on both sides), or None when the clip has no
     identity or pose ground truth (user videos)."""
-    ident = clip.meta.get("identity") if isinstance(clip.meta, dict) else None
+    ident = clip.identity
     if ident is None or clip.gt is None or any(k not in clip.gt for k in POSE):
         return None
     frames = np.asarray(clip.frames)

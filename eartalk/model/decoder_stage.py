@@ -53,7 +53,7 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
         if i % clip_every:
             continue
         clip = load_clip(corpus, cid, frames=False)
-        ident = clip.meta.get("identity") if isinstance(clip.meta, dict) else None
+        ident = clip.identity
         if ident is None or clip.gt is None:
             continue                        # an imported video: no face to render
         n = len(clip.gt["blink"])

@@ -61,7 +61,7 @@ def fit_size(frames: np.ndarray, size: int) -> np.ndarray:
 
 def clip_portrait(clip, size: int) -> np.ndarray:
     """The sink frame: the identity's neutral portrait when known (synthetic), else frame 0."""
-    ident = clip.meta.get("identity")
+    ident = clip.identity
     if ident is not None:
         from eartalk.data.face import render_portrait
         from eartalk.data.identity import Identity
