@@ -49,6 +49,7 @@ import numpy as np
 
 from eartalk.blink_steps import blink_steps, step_metrics
 from eartalk.frame_sheet import save_frame_sheet
+from eartalk.model.config import EMOTIONS
 
 __all__ = ["psnr", "ssim", "pearson", "pinned_timeline", "evaluate", "format_table", "drift_checkpoints", "drift_windows"]
 
@@ -101,7 +102,7 @@ def pearson(x, y) -> float:
 # ----------------------------------------------------------------------------- controls
 def pinned_timeline(gt: dict[str, np.ndarray], n_frames: int) -> list[tuple[int, dict]]:
     """Ground truth -> one event per frame pinning every non-audio control to its true value."""
-    from eartalk.model.config import CONTROLS, EMOTIONS
+    from eartalk.model.config import CONTROLS
     events = []
     for t in range(n_frames):
         values = {}
@@ -115,6 +116,19 @@ def pinned_timeline(gt: dict[str, np.ndarray], n_frames: int) -> list[tuple[int,
     return events
 
 
+def emotion_confusion(read, truth) -> np.ndarray:
+    """int64 ``[K, K]`` over ``config.EMOTIONS``: how many frames of true emotion ``i`` (row) the probe
+    read as ``j`` (column)."""
+    read, truth = np.asarray(read, np.int64), np.asarray(truth, np.int64)
+    if read.shape != truth.shape:
+        raise ValueError(f"emotion_confusion: {read.shape[0] if read.ndim else read} readings for "
+                         f"{truth.shape[0] if truth.ndim else truth} frames; expected one each")
+    k = len(EMOTIONS)
+    if len(truth) and (min(read.min(), truth.min()) < 0 or max(read.max(), truth.max()) >= k):
+        raise ValueError(f"emotion_confusion: indices outside 0..{k - 1} ({EMOTIONS})")
+    return np.bincount(truth * k + read, minlength=k * k).reshape(k, k)
+
+
 def _control_metrics(pred: dict, lab: dict) -> dict:
     closed = np.asarray(lab["blink"]) >= 0.5
     switch = np.zeros_like(closed)
@@ -123,13 +137,17 @@ def _control_metrics(pred: dict, lab: dict) -> dict:
     ok_blink = pred["blink"].astype(bool) == closed
     mae = lambda k: float(np.mean(np.abs(pred[k] - lab[k])))        # noqa: E731
     emo = float(np.mean(pred["emotion"] == lab["emotion"]))
+    conf = emotion_confusion(pred["emotion"], lab["emotion"])
+    # per emotion: a user pins one at a time, and one the model cannot show hides in the mean
+    recall = {f"emotion_recall_{name}": float(conf[i, i] / conf[i].sum()) if conf[i].sum() else math.nan
+              for i, name in enumerate(EMOTIONS)}
     return {
         "yaw_mae_deg": mae("yaw"), "pitch_mae_deg": mae("pitch"), "roll_mae_deg": mae("roll"),
         "gaze_mae": (mae("gaze_x") + mae("gaze_y")) / 2,
         "blink_accuracy": float(np.mean(ok_blink)),
         "blink_next_frame_accuracy": float(np.mean(ok_blink[switch])) if switch.any() else math.nan,
         "blink_switches": int(switch.sum()),
-        "emotion_accuracy": emo, "emotion_target_met": bool(emo >= EMOTION_TARGET),
+        "emotion_accuracy": emo, "emotion_target_met": bool(emo >= EMOTION_TARGET), **recall,
     }
 
 
@@ -495,13 +513,18 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
         "config": cfg.to_dict(), "data": str(data), "split": split, "clips": [c["clip"] for c in per_clip],
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,
-        "frames_sheet": {"plot": str(sheet), "columns": columns,
+        "emotion_confusion": {"rows": "the emotion pinned (the truth's)", "columns": "the emotion the probe read",
+                              "labels": list(EMOTIONS), "model": emotion_confusion(P["emotion"], lab["emotion"]).tolist(),
+                              "tokenizer": emotion_confusion(R["emotion"], lab["emotion"]).tolist() if recon else None,
+                              "ceiling": emotion_confusion(G["emotion"], lab["emotion"]).tolist()},
+        "frames_sheet": {"plot": sheet.name, "columns": columns,
                          "rows": sheet_at},
-        "error_map": {"plot": str(error_plot), "frames": int(err_n), "model_mse": float(np.mean(err_model) / err_n),
+        "error_map": {"plot": error_plot.name, "frames": int(err_n), "model_mse": float(np.mean(err_model) / err_n),
                       "tokenizer_mse": float(np.mean(err_tok) / err_n) if recon else None},
-        "drift": {**drift, "plot": str(plot)}, "drift_pinned": {**drift_pinned, "plot": str(plot)}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
+        "drift": {**drift, "plot": plot.name}, "drift_pinned": {**drift_pinned, "plot": plot.name}, "probe": _probe_info(), "seconds": time.perf_counter() - t0,
         "notes": ["ceiling = the same probe on the ground-truth renders (psnr/ssim of the renders with "
                   "themselves: inf / 1); control metrics from the pinned run, lip-sync from the free run",
+                  "plots are named relative to this report: they are written beside it",
                   "non-finite numbers are stored as null (NaN: undefined, e.g. a constant prediction) "
                   "or the string \"inf\""],
     }
@@ -550,6 +573,7 @@ ROWS = (("psnr_db", "PSNR (dB), pinned", ".2f"), ("ssim", "SSIM, pinned", ".4f")
         ("blink_step_open_accuracy", "blink pinned open in a step, that frame", ".3f"),
         ("blink_step_shut_frames", "blink pinned shut in a step, every frame", ".3f"),
         ("emotion_accuracy", f"emotion recognised (target >= {EMOTION_TARGET:.0%})", ".3f"),
+        *((f"emotion_recall_{e}", f"  of the frames pinned {e}", ".3f") for e in EMOTIONS),
         ("drift_slope_per_1000_frames", "identity drift slope / 1000 frames", ".2e"),
         ("drift_ratio", "identity drift dist(last)/dist(ref), loop means", ".3f"),
         ("drift_ratio_single_frame", "identity drift dist(last)/dist(ref), one frame", ".2f"),

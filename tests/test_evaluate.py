@@ -10,8 +10,9 @@ import torch
 
 from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
-from eartalk.evaluate import (drift_checkpoints, drift_windows, looped_audio, looped_timeline, pearson,
-                               pinned_timeline, pixel_mse, psnr, ssim)
+import eartalk.evaluate as evaluate_mod
+from eartalk.evaluate import (drift_checkpoints, drift_windows, emotion_confusion, looped_audio, looped_timeline,
+                              pearson, pinned_timeline, pixel_mse, psnr, ssim)
 from eartalk.model.bundle import new_bundle, save_bundle
 from eartalk.model.config import CONTROLS, EMOTIONS, preset
 
@@ -150,10 +151,11 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert drift["frames"] == 40 and set(drift["distance_at"]) == {"4", "40"} and drift["ratio_frames"] == [40, 4]
     assert (tmp_path / "ev" / "report.drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sheet = rep["frames_sheet"]        # the middle frame of the first clips, to look at
-    assert sheet["plot"] == str(tmp_path / "ev" / "report.frames.png") and "report.frames.png" in printed
+    assert sheet["plot"] == "report.frames.png" and str(tmp_path / "ev" / "report.frames.png") in printed
     assert (tmp_path / "ev" / "report.frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     err = rep["error_map"]             # where the pinned frames lose: per-pixel squared error
-    assert err["plot"] == str(tmp_path / "ev" / "report.error.png") and "report.error.png" in printed
+    assert err["plot"] == "report.error.png" and str(tmp_path / "ev" / "report.error.png") in printed
+    assert rep["drift"]["plot"] == rep["drift_pinned"]["plot"] == "report.drift.png"    # beside the report
     assert (tmp_path / "ev" / "report.error.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert err["frames"] == rep["frames"] and err["model_mse"] > 0 and err["tokenizer_mse"] > 0
     # a frame's pooled MSE is what its PSNR was made from: the map's mean over frames agrees
@@ -194,6 +196,19 @@ def test_eval_end_to_end(corpus, tmp_path, capsys):
     assert rep["ceiling"]["gaze_mae"] == pytest.approx(
         (np.mean(np.abs(p["gaze_x"] - gl["gaze_x"])) + np.mean(np.abs(p["gaze_y"] - gl["gaze_y"]))) / 2, rel=1e-5)
     assert rep["ceiling"]["emotion_accuracy"] == pytest.approx(np.mean(p["emotion"] == gt["emotion"]))
+    # per emotion: the confusion of the probe's readings against the truth, and each emotion's recall
+    conf = rep["emotion_confusion"]
+    assert conf["labels"] == list(EMOTIONS)
+    assert np.array_equal(conf["ceiling"], emotion_confusion(p["emotion"], gt["emotion"]))
+    assert np.sum(conf["model"]) == np.sum(conf["tokenizer"]) == len(frames)
+    assert np.array_equal(np.sum(conf["model"], 1), np.bincount(gt["emotion"], minlength=len(EMOTIONS)))
+    for i, e in enumerate(EMOTIONS):
+        shown = gt["emotion"] == i
+        want_r = np.mean(p["emotion"][shown] == i) if shown.any() else None
+        assert rep["ceiling"][f"emotion_recall_{e}"] == (pytest.approx(want_r) if shown.any() else None)
+        if shown.any():
+            assert rep["metrics"][f"emotion_recall_{e}"] == pytest.approx(conf["model"][i][i] / shown.sum())
+    assert f"of the frames pinned {EMOTIONS[int(gt['emotion'][0])]}" in printed
 
     # the blink-step run: its ceiling is the probe on the renderer's frames of the stepped pins
     from eartalk.blink_steps import blink_steps, step_metrics
@@ -248,6 +263,25 @@ def test_eval_errors_are_clear(corpus, tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json"),
                  "--model", "test", "--random-init"]) == 2
     assert "corpus directory not found" in capsys.readouterr().err
+
+
+def test_emotion_confusion_counts_each_truth_read_pair():
+    conf = emotion_confusion([0, 1, 1, 2, 4], [0, 0, 1, 4, 4])
+    want = np.zeros((len(EMOTIONS), len(EMOTIONS)), np.int64)
+    want[0, 0] = want[0, 1] = want[1, 1] = want[4, 2] = want[4, 4] = 1
+    assert np.array_equal(conf, want)
+    m = evaluate_mod._control_metrics(
+        {"yaw": np.zeros(5), "pitch": np.zeros(5), "roll": np.zeros(5), "gaze_x": np.zeros(5), "gaze_y": np.zeros(5),
+         "blink": np.zeros(5, np.int64), "emotion": np.array([0, 1, 1, 2, 4])},
+        {"yaw": np.zeros(5), "pitch": np.zeros(5), "roll": np.zeros(5), "gaze_x": np.zeros(5), "gaze_y": np.zeros(5),
+         "blink": np.zeros(5), "emotion": np.array([0, 0, 1, 4, 4]), "first": np.eye(1, 5, dtype=np.int64)[0]})
+    assert m["emotion_recall_neutral"] == 0.5 and m["emotion_recall_happy"] == 1.0
+    assert m["emotion_recall_surprised"] == 0.5 and m["emotion_accuracy"] == 0.6
+    assert np.isnan(m["emotion_recall_sad"]) and np.isnan(m["emotion_recall_angry"])   # never pinned: undefined
+    with pytest.raises(ValueError, match="3 readings for 2 frames"):
+        emotion_confusion([0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="outside 0..4"):
+        emotion_confusion([0, 5], [0, 1])
 
 
 def test_pixel_mse_sums_each_pixels_squared_error_over_frames():

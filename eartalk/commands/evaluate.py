@@ -70,6 +70,6 @@ def run(args) -> int:
         if backend is not None:
             backend.close()
     print(format_table(rep))
-    print(f"wrote {args.out}, {rep['drift']['plot']}, {rep['frames_sheet']['plot']} and {rep['error_map']['plot']} "
-          f"in {rep['seconds']:.0f} s")
+    beside = [args.out.with_name(rep[k]["plot"]) for k in ("drift", "frames_sheet", "error_map")]
+    print(f"wrote {args.out}, {beside[0]}, {beside[1]} and {beside[2]} in {rep['seconds']:.0f} s")
     return 0
