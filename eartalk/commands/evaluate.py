@@ -12,7 +12,9 @@ Per clip, the model gets the clip's portrait and speech through the streaming ru
               PSNR / SSIM against the renderer's frames; yaw/pitch/roll MAE (degrees), gaze
               MAE (the eye's travel, -1..1), blink obeyed (every frame, and the first frame
               after each open/closed switch), emotion recognised by the probe (target >= 90 %
-              of frames)
+              of frames), and each emotion's share of the frames pinned to it (a model that
+              cannot show one hides it in the mean; the confusion matrices, pinned emotion
+              against the one read, are under "emotion_confusion" in the report)
   blink steps the same pins, but the blink pinned as a user pins it: shut for 1-8 frames, then
               open (eartalk/blink_steps.py) -> the share of pulses shown shut on their first
               frame, open again on the first frame after, and of all shut frames; its ceiling
