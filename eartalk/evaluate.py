@@ -51,7 +51,8 @@ from eartalk.blink_steps import blink_steps, step_metrics
 from eartalk.frame_sheet import save_frame_sheet
 from eartalk.model.config import EMOTIONS
 
-__all__ = ["psnr", "ssim", "pearson", "pinned_timeline", "evaluate", "format_table", "drift_checkpoints", "drift_windows"]
+__all__ = ["psnr", "ssim", "pearson", "pinned_timeline", "evaluate", "format_table", "drift_checkpoints", "drift_windows",
+           "emotion_confusion"]
 
 PINNED = ("yaw", "pitch", "roll", "gaze_x", "gaze_y", "blink", "emotion")
 EMOTION_TARGET = 0.90
