@@ -29,7 +29,7 @@ from eartalk.model.bundle import load_bundle, save_bundle
 from eartalk.model.finetune import encoder_digest, train_decoder
 from eartalk.model.recipe import _recipe, tokenizer_frames
 from eartalk.model.tokenizer import VQTokenizer
-from eartalk.model.train_gpt import fit_size
+from eartalk.model.train_gpt import fit_map_size, fit_size
 
 __all__ = ["SHUT_VALUES", "shut_eye_frames", "decoder_stage"]
 
@@ -64,7 +64,7 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
         f = rerender(ident, sub, own)
         m = maps_of(f, neutral_frames(ident, sub, np.arange(len(at)), own))
         frames.append(np.moveaxis(fit_size(f, size), -1, -3))
-        exprs.append(fit_size(np.repeat(m[..., None], 3, -1), size)[..., 0])
+        exprs.append(fit_map_size(m, size))
         index.append(np.full(len(at), i))
         ats.append(at)
         blinks.append(sub["blink"])

@@ -21,7 +21,7 @@ from eartalk.model.bundle import new_bundle, save_bundle, weights_digest
 from eartalk.model.config import preset
 from eartalk.model.face_state import face_state
 from eartalk.model.tokenizer import VQTokenizer, state_token_accuracy, train_tokenizer
-from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_size, stage_tokenizer, train_gpt
+from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_map_size, fit_size, stage_tokenizer, train_gpt
 
 RECIPES = {
     # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 8); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); 2026-12-06 on a 2-core EPYC without AVX-512: decoder 8 (1,577 steps) + 3.4 loading and rendering (11.4 end to end); total 89.4 <= 90
@@ -116,7 +116,7 @@ def _expr_maps(clip, at: np.ndarray, size: int) -> np.ndarray:
     m = expression_maps(clip, at)
     if m is None:
         return np.zeros((len(at), size, size), np.uint8)
-    return fit_size(np.repeat(m[..., None], 3, -1), size)[..., 0]
+    return fit_map_size(m, size)
 
 
 def _tokenizer_sheet(tok, v: dict, path: Path, n: int = 6) -> Path:

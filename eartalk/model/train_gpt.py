@@ -59,6 +59,12 @@ def fit_size(frames: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(*frames.shape[:-3], size, size, 3)
 
 
+def fit_map_size(maps: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [T, H, W] per-pixel maps (expression maps) at ``size``, resized as :func:`fit_size`
+    resizes their frames."""
+    return fit_size(np.repeat(maps[..., None], 3, -1), size)[..., 0]
+
+
 def clip_portrait(clip, size: int) -> np.ndarray:
     """The sink frame: the identity's neutral portrait when known (synthetic), else frame 0."""
     ident = clip.identity
