@@ -62,6 +62,11 @@ def test_the_decoder_stage_keeps_every_code_and_trains_the_decoder(corpus, tmp_p
     after = load_bundle(out)                                      # hash and config checked
     assert rep["steps"] > 0 and rep["shut_frames"] > 0 and rep["frames"] > 0 and np.isfinite(rep["val_psnr"])
     assert rep["encoder_sha256"] == encoder_digest(before.tokenizer) == encoder_digest(after.tokenizer)
+    # the expression critic trained first (its minutes taken from the stage's), its term in the loss
+    crit = rep["expression_critic"]
+    assert rep["critic_weight"] == 1.0 and crit["steps"] > 0 and 0 <= crit["val_acc"] <= 1
+    assert np.isfinite(crit["loss"]) and 0 < rep["critic"] <= 4       # the decoder's mean feature distance
+    assert json.loads((out / "work" / "decoder" / "tokenizer_report.json").read_text())["expression_critic"] == crit
     tb, ta = before.tokenizer.state_dict(), after.tokenizer.state_dict()
     assert any(not torch.equal(tb[k], ta[k]) for k in tb if k.startswith("head."))   # the decoder trained
     for name in ("gpt", "audio"):                                 # the transformer and audio encoder kept

@@ -9,6 +9,11 @@ warps the portrait and so starts from open eyes, drew the shut codes of some fac
 open: the corpus shows shut eyes on about 5% of its frames. The renderer can make the frames
 that are missing: any training frame's state with the blink pinned shut (``synth.rerender``).
 
+The decoder's loss also values the expression: a small emotion and blink classifier trained
+first on the same frames (``expression_critic.py``) judges each decoded frame against the true one
+by its features. The pixel terms alone never drew *happy* (its flush and folds are a few faint percent
+of the frame).
+
 The encoder's weights are checked unchanged after training (``finetune.encoder_digest``): every
 frame keeps the code the transformer was trained on, so the transformer needs no retraining.
 The fine-tune on a person's videos (``finetune.py``) trains the same parts with no shut renders
@@ -26,6 +31,7 @@ from eartalk.data.corpus import list_clips, load_clip
 from eartalk.data.expression_map import maps_of, neutral_frames
 from eartalk.data.synth import rerender
 from eartalk.model.bundle import load_bundle, save_bundle
+from eartalk.model.expression_critic import blink_values, emotion_labels, train_critic
 from eartalk.model.finetune import encoder_digest, train_decoder
 from eartalk.model.recipe import _recipe, tokenizer_frames
 from eartalk.model.tokenizer import VQTokenizer
@@ -79,7 +85,10 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
                   budget_scale: float = 1.0) -> dict:
     """Stage 3 (``eartalk train decoder``): the bundle of stage 2 (``out/model.safetensors``) with
     its tokenizer's decoder trained ``dec_minutes`` on the train split's frames plus
-    :func:`shut_eye_frames`; rewrites the bundle, its card's training gaining ``decoder``, and
+    :func:`shut_eye_frames` (with ``dec_critic > 0``, the first ``dec_critic_minutes`` of them
+    training the expression critic on the train split's frames); rewrites the bundle, its card's
+    training gaining ``decoder`` (with ``expression_critic``: the critic's own metrics; ``critic``:
+    the decoder's last-tenth feature distance), and
     ``out/work/decoder/`` (curves, weights, ``tokenizer_report.json``). Run again, it trains again
     from the tokenizer stage's decoder (``out/work/tokenizer.safetensors``)."""
     r = _recipe(name, budget_scale)
@@ -107,12 +116,23 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
     v = tokenizer_frames(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
     val = (v["frames"], v["portraits"], v["index"]) if v else None
-    m = train_decoder(tok, cfg, np.concatenate([d["frames"], s["frames"]]), d["portraits"],
+    frames = np.concatenate([d["frames"], s["frames"]])
+    critic, crit_m, minutes = None, None, r["dec_minutes"]
+    if r["dec_critic"] > 0:
+        # the corpus frames name their emotion and blink; the shut renders their blink only
+        critic, crit_m = train_critic(
+            frames,
+            np.concatenate([emotion_labels(d["states"]), np.full(len(s["frames"]), -1)]),
+            np.concatenate([blink_values(d["states"]), s["blink"]]), minutes=r["dec_critic_minutes"],
+            read_size=r["dec_critic_read"], batch=64, seed=seed, progress=progress,
+            val=(v["frames"], emotion_labels(v["states"]), blink_values(v["states"])) if v else None)
+        minutes = max(r["dec_minutes"] - crit_m["minutes"], r["dec_minutes"] / 4)   # the critic's time is the stage's
+    m = train_decoder(tok, cfg, frames, d["portraits"],
                       np.concatenate([d["index"], s["index"]]), np.concatenate([d["exprs"], s["exprs"]]), val=val,
-                      lr=r["dec_lr"], batch=r["tok_batch"], minutes=r["dec_minutes"], expr_weight=r["tok_expr"],
-                      out_dir=work, seed=seed, progress=progress)
-    m.update(frames=int(len(d["frames"])), shut_frames=int(len(s["frames"])), val_frames=len(val[0]) if val else 0,
-             budget_minutes=r["dec_minutes"])
+                      lr=r["dec_lr"], batch=r["tok_batch"], minutes=minutes, expr_weight=r["tok_expr"],
+                      out_dir=work, seed=seed, progress=progress, critic=critic, critic_weight=r["dec_critic"])
+    m.update(expression_critic=crit_m, critic_weight=r["dec_critic"], frames=int(len(d["frames"])),
+             shut_frames=int(len(s["frames"])), val_frames=len(val[0]) if val else 0, budget_minutes=r["dec_minutes"])
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     save_bundle(bundle, out, training={**training, "decoder": m})
     return m

@@ -58,17 +58,21 @@ RECIPES = {
     # dec_*: stage 3 (eartalk.model.decoder_stage), the decoder trained on with the encoder frozen:
     # its minutes (0: no stage), peak learning rate, every dec_every-th frame of each training clip,
     # and one clip in dec_shut_clips also re-rendered with the eyes shut (as many frames again).
+    # dec_critic: weight of the expression critic's feature distance in the decoder's loss
+    # (eartalk.model.expression_critic; 0: pixel terms only), the critic trained first for
+    # dec_critic_minutes of the stage's dec_minutes on the same frames' emotions, reading them at
+    # dec_critic_read pixels a side.
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0,
                  frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24,
-                 dec_minutes=8, dec_lr=5e-4, dec_every=12, dec_shut_clips=2),
+                 dec_minutes=8, dec_lr=5e-4, dec_every=12, dec_shut_clips=2, dec_critic=0.0, dec_critic_minutes=2.0, dec_critic_read=32),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
                   frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4,
-                  dec_minutes=0.1, dec_lr=5e-4, dec_every=4, dec_shut_clips=2),
+                  dec_minutes=0.1, dec_lr=5e-4, dec_every=4, dec_shut_clips=2, dec_critic=1.0, dec_critic_minutes=0.03, dec_critic_read=32),
 }
 
 
@@ -155,6 +159,7 @@ def _recipe(name: str, budget_scale: float = 1.0) -> dict:
     r["tok_minutes"] *= budget_scale
     r["gpt_minutes"] *= budget_scale
     r["dec_minutes"] *= budget_scale
+    r["dec_critic_minutes"] *= budget_scale
     return r
 
 

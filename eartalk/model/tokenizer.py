@@ -296,7 +296,7 @@ class VQTokenizer(nn.Module):
     def loss(self, images, portrait, grad_weight: float = 0.5, change_weight: float = 1.0,
              pyramid_weight: float = 1.0, pair_weight: float = 0.0, state=None,
              state_weight: float | None = 0.0, expr=None, expr_weight: float = 0.0,
-             emotion_weight: float = 0.0) -> dict:
+             emotion_weight: float = 0.0, critic=None, critic_weight: float = 0.0) -> dict:
         """Weighted L1 + L1 of image gradients (edges: lips, eyelids) + L1 of 2x/4x/8x average-pooled
         images (a wide basin for the flow: a misplaced edge still shows at coarse scales).
 
@@ -322,6 +322,10 @@ class VQTokenizer(nn.Module):
         quantised frame codes (``emotion`` = cross-entropy, joined to the loss): a training-only
         signal that keeps the frame codes about the expression, which the pixel loss alone spent
         elsewhere.
+
+        ``critic`` (an :class:`eartalk.model.expression_critic.ExpressionCritic`) with
+        ``critic_weight > 0``: ``critic`` = the distance between its features of the decoded and the
+        true frame joins the loss, so the decoder draws what names the expression.
         """
         x = _to_float01(images)
         p = _to_float01(portrait)
@@ -350,6 +354,10 @@ class VQTokenizer(nn.Module):
             psnr = -10 * torch.log10(F.mse_loss(recon, x).clamp_min(1e-10))
         total = wl1 + grad_weight * grad + pyramid_weight * pyr
         out = {"l1": err.mean().detach(), "grad": grad, "pyr": pyr, "psnr": psnr}
+        if critic is not None and critic_weight > 0:
+            with torch.autocast("cpu", enabled=False):
+                out["critic"] = critic.distance(recon, x)
+            total = total + critic_weight * out["critic"]
         if pair_weight > 0:
             if len(x) % 2:
                 raise ValueError(f"pair_weight needs a batch of [frames t ; frames t+1], got an odd batch of {len(x)}")
@@ -627,8 +635,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     self_every: int = 8, next_frames=None, pair_weight: float = 0.0, states=None,
                     next_states=None, state_weight: float = 0.0,
                     state_ramp: tuple[float, float] = (0.0, 0.0), exprs=None, next_exprs=None,
-                    expr_weight: float = 0.0, emotion_weight: float = 0.0,
-                    bf16: bool | None = None) -> dict:
+                    expr_weight: float = 0.0, emotion_weight: float = 0.0, critic=None,
+                    critic_weight: float = 0.0, bf16: bool | None = None) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -666,6 +674,9 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
 
     ``emotion_weight > 0`` (a tokenizer with ``cfg.frame_codes``; needs ``states``): the frame codes
     must name each frame's emotion (:meth:`VQTokenizer.loss`); ``emotion_acc`` is reported.
+
+    ``critic`` with ``critic_weight > 0``: the expression critic's feature distance joins the loss
+    (:meth:`VQTokenizer.loss`; its frozen weights are not trained here).
 
     ``bf16``: autocast the encoder and decoder to bfloat16 (quantisation and the loss stay float32;
     validation and the saved weights are float32); default where the CPU has native bf16
@@ -738,7 +749,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         with train_autocast(bf16):
             d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
                          state_weight=state_weight * ramp if state_weight > 0 else None,
-                         expr=ex, expr_weight=expr_weight, emotion_weight=emotion_weight)
+                         expr=ex, expr_weight=expr_weight, emotion_weight=emotion_weight,
+                         critic=critic, critic_weight=critic_weight)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
@@ -756,7 +768,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         bar.update(min(budget, time.time() - t0) - bar.n if timed else 1)
         bar.set_postfix(**({"step": step + 1} if timed else {}), loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}",
                         val=f"{val_curve[-1][1]:.1f}" if val_curve else "-",
-                        **{k: f"{rec[k]:.2f}" for k in ("state_acc", "emotion_acc") if k in rec})
+                        **{k: f"{rec[k]:.2f}" for k in ("state_acc", "emotion_acc", "critic") if k in rec})
     bar.close()
     tok.eval()
     keys = dict.fromkeys(k for t in tail for k in t)     # a batch without ground truth has no state terms
