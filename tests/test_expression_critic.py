@@ -131,3 +131,12 @@ def test_the_tokenizer_loss_adds_the_weighted_critic_distance():
         recon = tok.reconstruct(x, p)
     torch.testing.assert_close(d["critic"], critic.distance(recon, x), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(d["loss"], plain["loss"] + 0.5 * d["critic"], atol=1e-5, rtol=1e-5)
+
+
+def test_blink_values_read_the_face_states_blink_column():
+    from eartalk.model.face_state import MOUTH_GT, face_state
+    n = 3
+    gt = {k: np.zeros(n) for k in ("yaw", "pitch", "roll", "gaze_x", "gaze_y") + MOUTH_GT}
+    gt.update(blink=np.array([0.0, 0.4, 1.0]), emotion=np.array([0, 1, 4]))
+    np.testing.assert_array_equal(blink_values(face_state(gt, n)), np.array([0.0, 0.4, 1.0], np.float32))
+    np.testing.assert_array_equal(emotion_labels(face_state(gt, n)), [0, 1, 4])
