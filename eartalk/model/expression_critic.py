@@ -15,7 +15,6 @@ own network, trained in the stage on the training split only. Nothing at inferen
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from eartalk.model.config import EMOTIONS
 from eartalk.model.conditions import NUMERIC_CONTROLS
+from eartalk.model import schedule
 from eartalk.model.face_state import EMOTION_COLS
 
 # the blink's column in a face-state row (its range is [0, 1], so the row holds it unscaled)
@@ -37,8 +37,8 @@ WIDTHS = (24, 48, 64, 96, 96)
 
 class ExpressionCritic(nn.Module):
     """Five conv blocks (conv, group norm, SiLU; 2x average pooling between them) and a linear head
-    naming the frame's emotion and whether its eyes are shut. Input: ``[B, 3, S, S]`` (uint8, or float in [0, 1]), read at
-    ``read_size`` (average pooled; S a multiple of it, it a multiple of 16)."""
+    naming the frame's emotion and whether its eyes are shut. Input: ``[B, 3, S, S]`` (uint8, or
+    float in [0, 1]), read at ``read_size`` (average pooled; S a multiple of it, it a multiple of 16)."""
 
     def __init__(self, image_size: int = 128, read_size: int = 64):
         super().__init__()
@@ -65,23 +65,21 @@ class ExpressionCritic(nn.Module):
         x = self._check(x)
         return (F.avg_pool2d(x, self.pool) if self.pool > 1 else x) * 2 - 1
 
+    def _activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's output, from the frame read at ``read_size``."""
+        h, out = self._read(x), []
+        for j, block in enumerate(self.blocks):
+            h = block(F.avg_pool2d(h, 2) if j else h)
+            out.append(h)
+        return out
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each block's activations, unit-normalised over channels at every pixel."""
-        h = self._read(x)
-        out = []
-        for j, block in enumerate(self.blocks):
-            if j:
-                h = F.avg_pool2d(h, 2)
-            h = block(h)
-            out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-6))
-        return out
+        return [h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-6) for h in self._activations(x)]
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (emotion logits ``[B, len(EMOTIONS)]``, blink logit ``[B]``: eyes shut above 0)."""
-        h = self._read(x)
-        for j, block in enumerate(self.blocks):
-            h = block(F.avg_pool2d(h, 2) if j else h)
-        out = self.head(h.flatten(1))
+        out = self.head(self._activations(x)[-1].flatten(1))
         return out[:, :len(EMOTIONS)], out[:, len(EMOTIONS)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +96,14 @@ class ExpressionCritic(nn.Module):
         return sum((a - b).pow(2).sum(1).mean() for a, b in zip(fr, ft)) / len(ft)
 
 
+def _label_tensors(labels, blinks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Emotion indices as int64 and eyelid closures as float32 (all NaN when ``blinks`` is None)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if blinks is None:
+        return labels, torch.full((len(labels),), float("nan"))
+    return labels, torch.as_tensor(np.asarray(blinks), dtype=torch.float32)
+
+
 def train_critic(frames, labels, blinks=None, *, minutes: float, steps: int = 2000, batch: int = 32,
                  lr: float = 2e-3, read_size: int = 64, val=None, seed: int = 0,
                  progress: bool = True) -> tuple[ExpressionCritic, dict]:
@@ -109,9 +115,7 @@ def train_critic(frames, labels, blinks=None, *, minutes: float, steps: int = 20
     labels)`` or ``(frames, labels, blinks)`` scored at the end. -> the critic (frozen, in eval mode)
     and its metrics (steps, minutes, last-tenth training loss, ``val_acc``, ``val_blink_acc``)."""
     frames = torch.as_tensor(np.asarray(frames))
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    blinks = torch.full((len(labels),), float("nan")) if blinks is None else \
-        torch.as_tensor(np.asarray(blinks), dtype=torch.float32)
+    labels, blinks = _label_tensors(labels, blinks)
     if frames.ndim != 4 or frames.shape[1] != 3 or labels.shape != (len(frames),) or blinks.shape != labels.shape:
         raise ValueError(f"frames {tuple(frames.shape)}, labels {tuple(labels.shape)} and blinks "
                          f"{tuple(blinks.shape)}: expected [M, 3, S, S], [M] and [M]")
@@ -134,7 +138,7 @@ def train_critic(frames, labels, blinks=None, *, minutes: float, steps: int = 20
         if frac >= 1:
             break
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = schedule.warmup_cosine(lr, step, frac)
         i = usable[torch.randint(0, len(usable), (batch,), generator=gen)]
         emo, blink = critic.heads(frames[i])
         e, b = labels[i] >= 0, b_known[i]
@@ -165,9 +169,7 @@ def critic_accuracy(critic: ExpressionCritic, frames, labels, blinks=None, batch
     with a known blink (not NaN) it calls shut or open as the closure is above or below 0.5); NaN
     where none is known."""
     frames = torch.as_tensor(np.asarray(frames))
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    blinks = torch.full((len(labels),), float("nan")) if blinks is None else \
-        torch.as_tensor(np.asarray(blinks), dtype=torch.float32)
+    labels, blinks = _label_tensors(labels, blinks)
     emo, blink = [], []
     for j in range(0, len(frames), batch):
         e, b = critic.heads(frames[j:j + batch])

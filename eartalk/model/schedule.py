@@ -1,4 +1,5 @@
-"""Loss-weight schedules shared by the training stages."""
+"""Loss-weight and learning-rate schedules shared by the training stages."""
+import math
 
 
 def ramp(frac: float, start: float, full: float) -> float:
@@ -11,3 +12,9 @@ def ramp(frac: float, start: float, full: float) -> float:
     if frac <= start:
         return 0.0
     return (frac - start) / (full - start)
+
+
+def warmup_cosine(lr: float, step: int, frac: float, warmup: int = 50) -> float:
+    """Learning rate at ``step``, ``frac`` of the way through a stage: linear warm-up over the first
+    ``warmup`` steps, then cosine decay from ``lr`` to 0 at ``frac`` 1."""
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))

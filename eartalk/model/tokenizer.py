@@ -724,7 +724,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             last = step - 1
             break
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = schedule.warmup_cosine(lr, step, frac)
         if pair_weight > 0:
             i = torch.randint(0, M, (batch // 2,), generator=gen)
             x = torch.cat([frames[i], next_frames[i]])
