@@ -11,9 +11,9 @@ from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
 from eartalk.data.synth import rerender
 from eartalk.model.bundle import load_bundle
-from eartalk.model.decoder_stage import SHUT_VALUES, decoder_stage, shut_eye_frames
+from eartalk.model.decoder_stage import SHUT_VALUES, _stage_frames, decoder_stage, shut_eye_frames
 from eartalk.model.finetune import encoder_digest
-from eartalk.model.recipe import gpt_stage, tokenizer_stage
+from eartalk.model.recipe import _recipe, gpt_stage, tokenizer_frames, tokenizer_stage
 from eartalk.model.train_gpt import fit_size
 
 torch.set_num_threads(1)
@@ -41,6 +41,7 @@ def test_shut_eye_frames_are_the_renderers_frames_of_each_state_with_the_blink_d
         sub = {k: np.asarray(v)[at] for k, v in clip.gt.items()}
         want = fit_size(rerender(clip.meta["identity"], {**sub, "blink": s["blink"][mine]}, 32), 32)
         assert np.array_equal(s["frames"][mine], np.moveaxis(want, -1, 1))
+        assert np.array_equal(s["emotion"][mine], sub["emotion"])              # the state's own emotion
         # the eyes differ from the clip's own frames where its eyes were open
         opened = np.asarray(clip.gt["blink"])[at] < 0.3
         assert (s["frames"][mine][opened] != np.moveaxis(np.asarray(clip.frames)[at][opened], -1, 1)).any()
@@ -49,6 +50,16 @@ def test_shut_eye_frames_are_the_renderers_frames_of_each_state_with_the_blink_d
     assert all(np.array_equal(s[k], again[k]) for k in s)                      # seeded
     with pytest.raises(ValueError, match="clip_every=0"):
         shut_eye_frames(corpus, "train", 32, every=5, clip_every=0, max_clips=None, seed=0, progress=False)
+
+
+def test_the_stage_loads_what_the_two_loaders_give_with_the_renders_made_in_a_second_process(corpus):
+    r = _recipe("smoke")
+    d, s = _stage_frames(corpus, 32, r, seed=4, progress=False)
+    want_d = tokenizer_frames(corpus, "train", 32, r["dec_every"], r["max_clips"], False, expr=True)
+    want_s = shut_eye_frames(corpus, "train", 32, r["dec_every"], r["dec_shut_clips"], r["max_clips"], 4, False)
+    assert set(d) == set(want_d) and set(s) == set(want_s)
+    assert all(np.array_equal(d[k], want_d[k], equal_nan=d[k].dtype.kind == "f") for k in d)
+    assert all(np.array_equal(s[k], want_s[k]) for k in s)
 
 
 def test_the_decoder_stage_keeps_every_code_and_trains_the_decoder(corpus, tmp_path, capsys):

@@ -24,7 +24,7 @@ from eartalk.model.tokenizer import VQTokenizer, state_token_accuracy, train_tok
 from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_map_size, fit_size, stage_tokenizer, train_gpt
 
 RECIPES = {
-    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 8); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); 2026-12-06 on a 2-core EPYC without AVX-512: decoder 8 (1,577 steps) + 3.4 loading and rendering (11.4 end to end); total 89.4 <= 90
+    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 8); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); 2026-12-06 on a 2-core EPYC without AVX-512: decoder 8 (1,577 steps) + 3.4 loading and rendering (11.4 end to end; the loading 2.4 since session 34 makes the shut renders in a second process); total 89.4 <= 90
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
@@ -60,13 +60,15 @@ RECIPES = {
     # and one clip in dec_shut_clips also re-rendered with the eyes shut (as many frames again).
     # dec_critic: weight of the expression critic's feature distance in the decoder's loss
     # (eartalk.model.expression_critic; 0: pixel terms only), the critic trained first for
-    # dec_critic_minutes of the stage's dec_minutes on the same frames' emotions, reading them at
-    # dec_critic_read pixels a side.
+    # dec_critic_minutes of the stage's dec_minutes on the same frames' emotions and blinks, reading
+    # them at dec_critic_read pixels a side. Off in tiny: inside the stage's budget every critic
+    # measured (32 and 64 px, weight 0.3 and 1) traded pinned blinks and PSNR for emotion
+    # (docs/model-history.md, sessions 33-34); 3.2 minutes at 64 px is the last one measured.
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0,
                  frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24,
-                 dec_minutes=8, dec_lr=5e-4, dec_every=12, dec_shut_clips=2, dec_critic=0.0, dec_critic_minutes=2.0, dec_critic_read=32),
+                 dec_minutes=8, dec_lr=5e-4, dec_every=12, dec_shut_clips=2, dec_critic=0.0, dec_critic_minutes=3.2, dec_critic_read=64),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
