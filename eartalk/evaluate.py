@@ -130,7 +130,9 @@ def emotion_confusion(read, truth) -> np.ndarray:
     return np.bincount(truth * k + read, minlength=k * k).reshape(k, k)
 
 
-def _control_metrics(pred: dict, lab: dict) -> dict:
+def _control_metrics(pred: dict, lab: dict, conf: np.ndarray | None = None) -> dict:
+    """Pinned-control fidelity of the probe's readings ``pred`` against ``lab``; ``conf``: their
+    :func:`emotion_confusion` when the caller has it already."""
     closed = np.asarray(lab["blink"]) >= 0.5
     switch = np.zeros_like(closed)
     switch[1:] = closed[1:] != closed[:-1]
@@ -138,7 +140,7 @@ def _control_metrics(pred: dict, lab: dict) -> dict:
     ok_blink = pred["blink"].astype(bool) == closed
     mae = lambda k: float(np.mean(np.abs(pred[k] - lab[k])))        # noqa: E731
     emo = float(np.mean(pred["emotion"] == lab["emotion"]))
-    conf = emotion_confusion(pred["emotion"], lab["emotion"])
+    conf = emotion_confusion(pred["emotion"], lab["emotion"]) if conf is None else conf
     # per emotion: a user pins one at a time, and one the model cannot show hides in the mean
     recall = {f"emotion_recall_{name}": float(conf[i, i] / conf[i].sum()) if conf[i].sum() else math.nan
               for i, name in enumerate(EMOTIONS)}
@@ -475,26 +477,28 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
             backend.close()
     lab = _cat(labels)
     P, F, G = _cat(pinned), _cat(free), _cat(truth)
+    R = _cat(recon) if recon else None      # same lab: pinned and free metrics alike from the reconstructed truth
+    confusion = {k: emotion_confusion(X["emotion"], lab["emotion"]) if X is not None else None
+                 for k, X in (("model", P), ("tokenizer", R), ("ceiling", G))}
     ref_frame = first[2][0]                     # the renders against themselves: inf / 1.0
     metrics = {"psnr_db": _mean_psnr(psnrs), "ssim": float(np.mean(ssims)),
-               **_lipsync_metrics(F, lab), **_control_metrics(P, lab),
+               **_lipsync_metrics(F, lab), **_control_metrics(P, lab, confusion["model"]),
                **step_metrics(np.concatenate(step_ours), np.concatenate(steps)),
                "drift_slope_per_1000_frames": drift["slope_per_1000_frames"], "drift_ratio": drift["ratio"],
                "drift_ratio_single_frame": drift["ratio_single_frame"],
                "drift_slope_pinned_per_1000_frames": drift_pinned["slope_per_1000_frames"],
                "drift_ratio_pinned": drift_pinned["ratio"]}
     ceiling = {"psnr_db": psnr(ref_frame, ref_frame), "ssim": ssim(ref_frame, ref_frame),
-               **_lipsync_metrics(G, lab), **_control_metrics(G, lab),
+               **_lipsync_metrics(G, lab), **_control_metrics(G, lab, confusion["ceiling"]),
                **step_metrics(np.concatenate(step_truth), np.concatenate(steps)),
                "drift_slope_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
                "drift_ratio": drift["ceiling"]["ratio"], "drift_ratio_single_frame": drift["ceiling"]["ratio_single_frame"],
                "drift_slope_pinned_per_1000_frames": drift["ceiling"]["slope_per_1000_frames"],
                "drift_ratio_pinned": drift["ceiling"]["ratio"]}
     tok_ceiling = None
-    if recon:       # same lab: pinned and free metrics alike come from the reconstructed truth
-        R = _cat(recon)
+    if recon:
         tok_ceiling = {"psnr_db": _mean_psnr(r_psnrs), "ssim": float(np.mean(r_ssims)),
-                       **_lipsync_metrics(R, lab), **_control_metrics(R, lab),
+                       **_lipsync_metrics(R, lab), **_control_metrics(R, lab, confusion["tokenizer"]),
                        **step_metrics(np.concatenate(step_recon), np.concatenate(steps))}
     plot = out.with_name(out.stem + ".drift.png")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -515,9 +519,8 @@ def evaluate(model, data, out, *, split: str = "test", frames_drift: int = 10000
         "frames": int(len(lab["viseme"])), "metrics": metrics, "ceiling": ceiling,
         "tokenizer_ceiling": tok_ceiling, "per_clip": per_clip,
         "emotion_confusion": {"rows": "the emotion pinned (the truth's)", "columns": "the emotion the probe read",
-                              "labels": list(EMOTIONS), "model": emotion_confusion(P["emotion"], lab["emotion"]).tolist(),
-                              "tokenizer": emotion_confusion(R["emotion"], lab["emotion"]).tolist() if recon else None,
-                              "ceiling": emotion_confusion(G["emotion"], lab["emotion"]).tolist()},
+                              "labels": list(EMOTIONS),
+                              **{k: c.tolist() if c is not None else None for k, c in confusion.items()}},
         "frames_sheet": {"plot": sheet.name, "columns": columns,
                          "rows": sheet_at},
         "error_map": {"plot": error_plot.name, "frames": int(err_n), "model_mse": float(np.mean(err_model) / err_n),

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from eartalk.model.schedule import ramp, warmup_cosine
@@ -25,3 +27,27 @@ def test_warmup_cosine_rises_over_the_warmup_then_decays_to_zero():
     assert warmup_cosine(1e-3, 500, 0.5) == pytest.approx(0.5e-3)
     assert warmup_cosine(1e-3, 500, 1.0) == pytest.approx(0.0, abs=1e-18)
     assert warmup_cosine(2e-3, 9, 0.25, warmup=10) == pytest.approx(2e-3 * 0.5 * (1 + 2 ** -0.5))
+
+
+def test_warmup_cosine_with_a_floor_decays_to_that_share_of_lr_and_stays_there():
+    # the transformer's schedule: cosine to a tenth of lr over the time budget
+    assert warmup_cosine(1e-3, 200, 0.0, warmup=200, floor=0.1) == 1e-3
+    assert warmup_cosine(1e-3, 500, 0.5, warmup=200, floor=0.1) == pytest.approx(0.55e-3)
+    assert warmup_cosine(1e-3, 500, 1.0, warmup=200, floor=0.1) == pytest.approx(1e-4)
+    assert warmup_cosine(1e-3, 500, 1.3, warmup=200, floor=0.1) == pytest.approx(1e-4)   # past the budget
+    assert warmup_cosine(1e-3, 99, 0.0, warmup=200, floor=0.1) == pytest.approx(0.5e-3)  # warm-up scales it all
+
+
+@pytest.mark.parametrize("step,frac", [(0, 0.0), (30, 0.1), (700, 0.77), (900, 0.999)])
+def test_warmup_cosine_is_bit_for_bit_the_formulas_the_stages_used_before_it(step, frac):
+    # the recipe must still make the shipped model: the tokenizer's (no floor) and the transformer's
+    # (a tenth of lr, warm-up 200) learning rates, as they were written out in each stage
+    assert warmup_cosine(2e-3, step, frac) == 2e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * frac))
+    assert warmup_cosine(1e-3, step, frac, warmup=200, floor=0.1) == \
+        1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
+
+
+@pytest.mark.parametrize("floor", [-0.1, 1.5])
+def test_a_floor_outside_zero_to_one_is_refused(floor):
+    with pytest.raises(AssertionError, match="floor"):
+        warmup_cosine(1e-3, 10, 0.5, floor=floor)

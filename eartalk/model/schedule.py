@@ -14,7 +14,10 @@ def ramp(frac: float, start: float, full: float) -> float:
     return (frac - start) / (full - start)
 
 
-def warmup_cosine(lr: float, step: int, frac: float, warmup: int = 50) -> float:
+def warmup_cosine(lr: float, step: int, frac: float, warmup: int = 50, floor: float = 0.0) -> float:
     """Learning rate at ``step``, ``frac`` of the way through a stage: linear warm-up over the first
-    ``warmup`` steps, then cosine decay from ``lr`` to 0 at ``frac`` 1."""
-    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
+    ``warmup`` steps, then cosine decay from ``lr`` to ``floor * lr`` at ``frac`` 1 (and after it:
+    a time-budgeted stage's last step can pass 1)."""
+    assert 0.0 <= floor <= 1.0, f"warmup_cosine: floor {floor} is a share of lr, expected 0..1"
+    cosine = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return lr * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * cosine)

@@ -453,8 +453,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
     bundle.audio.train()
     while step < max_steps and time.time() - t0 < budget:
         frac = (time.time() - t0) / budget
-        for g in opt.param_groups:  # warm-up then cosine over the time budget
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1))))
+        for g in opt.param_groups:  # warm-up then cosine over the time budget, to a tenth of lr
+            g["lr"] = schedule.warmup_cosine(lr, step, frac, warmup=warmup, floor=0.1)
         b = make_batch(bundle, train, batch, T, drop_prob, rng, start_prob)
         ce, digits = gpt_loss(bundle, b, corrupt, gen, bf16, change_weight, portrait_share, plausible, stale_prob,
                               draft_prob, return_digits=True)
