@@ -48,6 +48,13 @@ def test_shut_eye_frames_are_the_renderers_frames_of_each_state_with_the_blink_d
     assert (s["exprs"] > 0).any()
     again = shut_eye_frames(corpus, "train", 32, every=5, clip_every=2, max_clips=None, seed=0, progress=False)
     assert all(np.array_equal(s[k], again[k]) for k in s)                      # seeded
+    # with twins: the same renders, plus each state again with the clip's own blink
+    tw = shut_eye_frames(corpus, "train", 32, every=5, clip_every=2, max_clips=None, seed=0, progress=False, twins=True)
+    assert set(tw) == set(s) | {"open"} and all(np.array_equal(s[k], tw[k]) for k in s)
+    for i in sorted(set(s["index"].tolist())):
+        clip, mine = load_clip(corpus, ids[i]), s["index"] == i
+        sub = {k: np.asarray(v)[s["at"][mine]] for k, v in clip.gt.items()}
+        assert np.array_equal(tw["open"][mine], np.moveaxis(fit_size(rerender(clip.meta["identity"], sub, 32), 32), -1, 1))
     with pytest.raises(ValueError, match="clip_every=0"):
         shut_eye_frames(corpus, "train", 32, every=5, clip_every=0, max_clips=None, seed=0, progress=False)
 
@@ -56,7 +63,9 @@ def test_the_stage_loads_what_the_two_loaders_give_with_the_renders_made_in_a_se
     r = _recipe("smoke")
     d, s = _stage_frames(corpus, 32, r, seed=4, progress=False)
     want_d = tokenizer_frames(corpus, "train", 32, r["dec_every"], r["max_clips"], False, expr=True)
-    want_s = shut_eye_frames(corpus, "train", 32, r["dec_every"], r["dec_shut_clips"], r["max_clips"], 4, False)
+    want_s = shut_eye_frames(corpus, "train", 32, r["dec_every"], r["dec_shut_clips"], r["max_clips"], 4, False,
+                             twins=r["dec_mix"] > 0)
+    assert r["dec_mix"] > 0 and "open" in s                                  # the smoke recipe mixes codes
     assert set(d) == set(want_d) and set(s) == set(want_s)
     assert all(np.array_equal(d[k], want_d[k], equal_nan=d[k].dtype.kind == "f") for k in d)
     assert all(np.array_equal(s[k], want_s[k]) for k in s)
@@ -72,6 +81,7 @@ def test_the_decoder_stage_keeps_every_code_and_trains_the_decoder(corpus, tmp_p
     rep = decoder_stage("smoke", corpus, out, progress=False)
     after = load_bundle(out)                                      # hash and config checked
     assert rep["steps"] > 0 and rep["shut_frames"] > 0 and rep["frames"] > 0 and np.isfinite(rep["val_psnr"])
+    assert rep["mix_prob"] == 0.5
     assert rep["encoder_sha256"] == encoder_digest(before.tokenizer) == encoder_digest(after.tokenizer)
     # the expression critic trained first (its minutes taken from the stage's), its term in the loss
     crit = rep["expression_critic"]

@@ -5,8 +5,8 @@ import torch
 
 from eartalk.model.config import preset
 from eartalk.model.tokenizer import (FSQ, TokenizerDecode, TokenizerEncode, TokenizerReference,
-                                     VQTokenizer, code_table, collapse_floor, fsq_levels, held_out_scores,
-                                     reconstruction_psnr, train_tokenizer)
+                                     MIX_MAX_SHARE, VQTokenizer, code_table, collapse_floor, fsq_levels,
+                                     held_out_scores, mix_shares, reconstruction_psnr, train_tokenizer)
 
 
 def synthetic_clips(n_ids=4, per_id=24, size=32, seed=0):
@@ -364,6 +364,61 @@ def test_expression_weight_is_added_where_the_map_says(cfg):
         tok.loss(x, p, expr=e[:, :4], expr_weight=6.0)
     with pytest.raises(ValueError, match="needs exprs"):
         train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, expr_weight=1.0)
+
+
+def test_mixed_codes_decode_each_row_from_its_codes_moved_toward_its_twins_by_the_share(cfg):
+    """``mix``: row r's cell c decodes ``q + share * (q_twin - q)``, the twin encoded against row r's
+    portrait; the rows not named and a share of 0 decode their own codes; the loss is the same
+    pixel loss against the rows' own frames."""
+    frames, portraits, index = synthetic_clips(n_ids=2, per_id=3)
+    torch.manual_seed(0)
+    tok = VQTokenizer(cfg).eval()
+    x = torch.from_numpy(frames[:4]).float() / 255
+    p = torch.from_numpy(portraits[index[:4]]).float() / 255
+    twins = torch.from_numpy(frames[[5, 4]]).float() / 255
+    rows = torch.tensor([3, 1])
+    share = torch.rand(2, cfg.tokens_per_frame, generator=torch.Generator().manual_seed(1))
+    share[0, :3] = 0.0
+    share[1, :3] = 1.0
+    with torch.no_grad():
+        q, _ = tok.quant(tok._encode(x, p))
+        qt, _ = tok.quant(tok._encode(twins, p[rows]))
+        want = q.clone()
+        g = tok.g
+        for k, r in enumerate(rows.tolist()):
+            want[r] = q[r] + share[k].view(1, g, g) * (qt[k] - q[r])
+        ref = tok.reference(p)
+        got = tok._mixed_codes(q, p, rows, twins, share)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got[[0, 2]], q[[0, 2]])
+        assert torch.equal(got[3].flatten(1)[:, :3], q[3].flatten(1)[:, :3])        # share 0: its own code
+        assert torch.equal(got[1].flatten(1)[:, :3], qt[1].flatten(1)[:, :3])       # share 1: the twin's
+        d = tok.loss(x, p, mix=(rows, twins, share))
+        plain = tok.loss(x, p, mix=(rows[:0], twins[:0], share[:0]))
+        assert torch.equal(plain["loss"], tok.loss(x, p)["loss"])
+        r_mixed = tok._decode(want, ref)
+        torch.testing.assert_close(d["l1"], (r_mixed - x).abs().mean())
+    with pytest.raises(ValueError, match="one frame and"):
+        tok.loss(x, p, mix=(rows, twins[:1], share))
+
+
+def test_mix_shares_mix_at_most_the_max_share_of_cells_each_by_a_uniform_step():
+    sh = mix_shares(4000, 64, torch.Generator().manual_seed(0))
+    assert sh.shape == (4000, 64) and float(sh.min()) == 0.0 and float(sh.max()) < 1.0
+    mixed = (sh > 0).float()
+    assert abs(float(mixed.mean()) - MIX_MAX_SHARE / 2) < 0.01          # rate ~ U(0, max): its mean is max/2
+    assert float(mixed.mean(1).max()) < MIX_MAX_SHARE + 0.2             # no row mixes far past its rate
+    assert abs(float(sh[sh > 0].mean()) - 0.5) < 0.01                   # a mixed cell moves U(0, 1) of the way
+
+
+def test_mixing_trains_only_with_twins_for_every_frame(cfg):
+    frames, portraits, index = synthetic_clips(n_ids=1, per_id=4)
+    with pytest.raises(ValueError, match="mix_of"):
+        train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, mix_prob=0.5,
+                        mix_frames=frames[:2], mix_of=np.array([0, 1, 2, -1]))
+    m = train_tokenizer(frames, portraits, cfg, steps=3, batch=4, progress=False, portrait_index=index, mix_prob=1.0,
+                        mix_frames=frames[::-1].copy(), mix_of=np.array([0, 1, -1, 3]), self_every=0)
+    assert m["steps"] == 3 and np.isfinite(m["loss"])
 
 
 def test_bf16_training_loss_is_close_to_float32_and_quantises_in_float32(cfg):

@@ -14,6 +14,10 @@ first on the same frames (``expression_critic.py``) judges each decoded frame ag
 by its features. The pixel terms alone never drew *happy* (its flush and folds are a few faint percent
 of the frame).
 
+With ``dec_mix``, some shut renders are decoded from codes part-mixed with those of the same state
+rendered open (its twin): the transformer's codes of a pinned shut eye are such a mixture, and the
+decoder trained with the critic drew them open more often than the one trained on pixels alone.
+
 The encoder's weights are checked unchanged after training (``finetune.encoder_digest``): every
 frame keeps the code the transformer was trained on, so the transformer needs no retraining.
 The fine-tune on a person's videos (``finetune.py``) trains the same parts with no shut renders
@@ -43,17 +47,18 @@ SHUT_VALUES = (1.0, 1.0, 0.8, 0.6)      # blink values drawn for a shut render: 
 
 
 def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every: int, max_clips, seed: int,
-                    progress: bool) -> dict:
+                    progress: bool, twins: bool = False) -> dict:
     """One clip in ``clip_every`` of ``split`` (the first ``max_clips``), every ``every``-th frame
     from a random offset, re-rendered with the blink drawn from :data:`SHUT_VALUES` and everything
     else as it was: ``frames`` uint8 ``[M, 3, S, S]``, ``index`` (the clip's position in
     ``list_clips(corpus, split)``, as :func:`tokenizer_frames` numbers its portraits), ``at`` (the
     frame's number in its clip), ``blink`` (the value drawn), ``emotion`` (the state's, unchanged) and
-    ``exprs`` (their expression maps)."""
+    ``exprs`` (their expression maps); with ``twins``, ``open`` too: each state rendered again with
+    the clip's own blink, as the corpus shows it (open but on the frames that blink)."""
     if clip_every < 1 or every < 1:
         raise ValueError(f"shut_eye_frames: every={every}, clip_every={clip_every}: expected both >= 1")
     rng = np.random.default_rng([seed, 29])
-    frames, index, exprs, ats, blinks, emotions = [], [], [], [], [], []
+    frames, index, exprs, ats, blinks, emotions, opens = [], [], [], [], [], [], []
     ids = list_clips(corpus, split)[:max_clips]
     for i, cid in enumerate(tqdm(ids, desc=f"rendering {split} frames with the eyes shut", unit="clip",
                                  disable=not progress)):
@@ -66,8 +71,10 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
         n = len(clip.gt["blink"])
         at = np.arange(int(rng.integers(0, every)), n, every)
         sub = {k: np.asarray(v)[at] for k, v in clip.gt.items()}
-        sub["blink"] = rng.choice(SHUT_VALUES, len(at))
         own = int(clip.meta.get("size") or size)
+        if twins:
+            opens.append(np.moveaxis(fit_size(rerender(ident, sub, own), size), -1, -3))
+        sub["blink"] = rng.choice(SHUT_VALUES, len(at))
         f = rerender(ident, sub, own)
         m = maps_of(f, neutral_frames(ident, sub, np.arange(len(at)), own))
         frames.append(np.moveaxis(fit_size(f, size), -1, -3))
@@ -79,10 +86,11 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
     if not frames:
         return dict(frames=np.zeros((0, 3, size, size), np.uint8), index=np.zeros(0, np.int64),
                     at=np.zeros(0, np.int64), blink=np.zeros(0), emotion=np.zeros(0, np.int64),
-                    exprs=np.zeros((0, size, size), np.uint8))
+                    exprs=np.zeros((0, size, size), np.uint8),
+                    **({"open": np.zeros((0, 3, size, size), np.uint8)} if twins else {}))
     return dict(frames=np.ascontiguousarray(np.concatenate(frames)), index=np.concatenate(index),
                 at=np.concatenate(ats), blink=np.concatenate(blinks), emotion=np.concatenate(emotions),
-                exprs=np.concatenate(exprs))
+                exprs=np.concatenate(exprs), **({"open": np.ascontiguousarray(np.concatenate(opens))} if twins else {}))
 
 
 def _stage_frames(corpus: Path, size: int, r: dict, seed: int, progress: bool) -> tuple[dict, dict]:
@@ -94,7 +102,7 @@ def _stage_frames(corpus: Path, size: int, r: dict, seed: int, progress: bool) -
     # fork: the child only renders with numpy (no torch), and sees the corpus as the parent does
     with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
         shut = pool.submit(shut_eye_frames, corpus, "train", size, r["dec_every"], r["dec_shut_clips"],
-                           r["max_clips"], seed, False)
+                           r["max_clips"], seed, False, r["dec_mix"] > 0)
         d = tokenizer_frames(corpus, "train", size, r["dec_every"], r["max_clips"], progress, expr=True)
         if progress and not shut.done():
             print("waiting for the shut-eye renders (a second process)...", flush=True)
@@ -135,6 +143,8 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
         if list_clips(corpus, "val") else None
     val = (v["frames"], v["portraits"], v["index"]) if v else None
     frames = np.concatenate([d["frames"], s["frames"]])
+    # each shut render's open twin, to mix its codes with (dec_mix): -1 for the corpus frames
+    mix_of = np.concatenate([np.full(len(d["frames"]), -1), np.arange(len(s["frames"]))]) if r["dec_mix"] > 0 else None
     critic, crit_m, minutes = None, None, r["dec_minutes"]
     if r["dec_critic"] > 0:
         # the shut renders keep their state's emotion: only the blink was drawn again
@@ -148,9 +158,10 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
     m = train_decoder(tok, cfg, frames, d["portraits"],
                       np.concatenate([d["index"], s["index"]]), np.concatenate([d["exprs"], s["exprs"]]), val=val,
                       lr=r["dec_lr"], batch=r["tok_batch"], minutes=minutes, expr_weight=r["tok_expr"],
-                      out_dir=work, seed=seed, progress=progress, critic=critic, critic_weight=r["dec_critic"])
+                      out_dir=work, seed=seed, progress=progress, critic=critic, critic_weight=r["dec_critic"],
+                      mix_frames=s.get("open"), mix_of=mix_of, mix_prob=r["dec_mix"])
     m.update(expression_critic=crit_m, critic_weight=r["dec_critic"], frames=int(len(d["frames"])),
-             shut_frames=int(len(s["frames"])), val_frames=len(val[0]) if val else 0, budget_minutes=r["dec_minutes"])
+             shut_frames=int(len(s["frames"])), mix_prob=r["dec_mix"], val_frames=len(val[0]) if val else 0, budget_minutes=r["dec_minutes"])
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     save_bundle(bundle, out, training={**training, "decoder": m})
     return m

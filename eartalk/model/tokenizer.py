@@ -296,7 +296,7 @@ class VQTokenizer(nn.Module):
     def loss(self, images, portrait, grad_weight: float = 0.5, change_weight: float = 1.0,
              pyramid_weight: float = 1.0, pair_weight: float = 0.0, state=None,
              state_weight: float | None = 0.0, expr=None, expr_weight: float = 0.0,
-             emotion_weight: float = 0.0, critic=None, critic_weight: float = 0.0) -> dict:
+             emotion_weight: float = 0.0, critic=None, critic_weight: float = 0.0, mix=None) -> dict:
         """Weighted L1 + L1 of image gradients (edges: lips, eyelids) + L1 of 2x/4x/8x average-pooled
         images (a wide basin for the flow: a misplaced edge still shows at coarse scales).
 
@@ -326,12 +326,21 @@ class VQTokenizer(nn.Module):
         ``critic`` (an :class:`eartalk.model.expression_critic.ExpressionCritic`) with
         ``critic_weight > 0``: ``critic`` = the distance between its features of the decoded and the
         true frame joins the loss, so the decoder draws what names the expression.
+
+        ``mix`` ``(rows, others, share)``: the codes of batch rows ``rows`` ``[R]`` move to those of
+        ``others`` ``[R, 3, S, S]`` (encoded against the same portraits, no gradient) by ``share``
+        ``[R, g*g]`` in [0, 1] per cell, and must still decode to the rows' own frames. Why: the
+        transformer's codes of a pinned shut eye are the shut frame's in some eye cells and the open
+        one's in others (or a blend of them, decoded as expected codes); a decoder that has only seen
+        whole frames' codes drew such mixtures open.
         """
         x = _to_float01(images)
         p = _to_float01(portrait)
         z = self._encode(x, p).float()
         with torch.autocast("cpu", enabled=False):   # FSQ rounds in float32 under a bf16 autocast
             q, _ = self.quant(z)
+        if mix is not None:
+            q = self._mixed_codes(q, p, *mix)
         recon = self._decode(q, self.reference(p)).float()
         diff = (x - p).abs().mean(1, keepdim=True)
         w = 1 + change_weight * diff / (diff.mean() + 1e-3)
@@ -388,6 +397,21 @@ class VQTokenizer(nn.Module):
                 total = total + out["state_fit"] + state_weight * out["state"]
         out["loss"] = total
         return out
+
+    def _mixed_codes(self, q, portrait, rows, others, share):
+        """``q`` with rows ``rows`` moved toward the codes of ``others`` by ``share`` per cell (see
+        :meth:`loss`)."""
+        rows, share = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(share, dtype=torch.float32)
+        if rows.dim() != 1 or len(others) != len(rows) or tuple(share.shape) != (len(rows), self.tokens_per_frame):
+            raise ValueError(f"mix: {len(rows)} rows, {len(others)} other frames, share {tuple(share.shape)}; expected "
+                             f"one frame and [{self.tokens_per_frame}] shares per row")
+        if len(rows) == 0:
+            return q
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):   # the encoder is not trained by the mix
+            b = self.quant._bounded(self._encode(others, portrait[rows]).float())
+            other = self.quant._normalise(torch.round(b))     # no usage count: these codes are not the batch's
+        a = share.view(len(rows), 1, self.g, self.g)
+        return q.index_add(0, rows, a * (other - q[rows]))
 
     def predict_latent(self, state: torch.Tensor) -> torch.Tensor:
         """``state [B, STATE_DIM]`` -> the bounded latent ``[B, d, g, g]`` (in ``[0, L-1]`` per digit)
@@ -628,6 +652,19 @@ def _per_frame(name: str, weight: str, values, next_values, dtype, shape: tuple,
     return values, next_values
 
 
+MIX_MAX_SHARE = 0.5     # at most half of a frame's cells mixed: the frame's own codes stay the majority
+
+
+def mix_shares(rows: int, cells: int, gen: torch.Generator) -> torch.Tensor:
+    """``[rows, cells]`` shares for :meth:`VQTokenizer.loss`'s ``mix``: each row picks a rate up to
+    :data:`MIX_MAX_SHARE`, each cell is mixed at that rate, and a mixed cell moves a uniform share
+    of the way (1: the twin's code outright, as a token the sampler picked; less: a blend, as an
+    expected code)."""
+    rate = torch.rand(rows, 1, generator=gen) * MIX_MAX_SHARE
+    mixed = torch.rand(rows, cells, generator=gen) < rate
+    return mixed * torch.rand(rows, cells, generator=gen)
+
+
 def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3, batch: int = 16,
                     out_dir: str | None = None, progress: bool = True, portrait_index=None,
                     tokenizer: VQTokenizer | None = None, seed: int = 0, change_weight: float = 1.0,
@@ -636,7 +673,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     next_states=None, state_weight: float = 0.0,
                     state_ramp: tuple[float, float] = (0.0, 0.0), exprs=None, next_exprs=None,
                     expr_weight: float = 0.0, emotion_weight: float = 0.0, critic=None,
-                    critic_weight: float = 0.0, bf16: bool | None = None) -> dict:
+                    critic_weight: float = 0.0, bf16: bool | None = None, mix_frames=None, mix_of=None,
+                    mix_prob: float = 0.0) -> dict:
     """Train (or continue training) a :class:`VQTokenizer` with Adam and cosine LR decay.
 
     ``frames``: array ``[M, 3, S, S]`` (uint8 or float [0, 1]). ``portraits``: ``[P, 3, S, S]``;
@@ -678,6 +716,12 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     ``critic`` with ``critic_weight > 0``: the expression critic's feature distance joins the loss
     (:meth:`VQTokenizer.loss`; its frozen weights are not trained here).
 
+    ``mix_frames`` ``[K, 3, S, S]`` and ``mix_of`` ``[M]`` (an index into ``mix_frames``, -1 for none):
+    with ``mix_prob > 0`` each sampled frame that has one is, with that probability, decoded from
+    codes moved part of the way to its ``mix_frames`` twin's (:func:`mix_shares`,
+    :meth:`VQTokenizer.loss`); the decoder stage's shut-eye renders, mixed with the same state's
+    open-eyed render. Not with pairs.
+
     ``bf16``: autocast the encoder and decoder to bfloat16 (quantisation and the loss stay float32;
     validation and the saved weights are float32); default where the CPU has native bf16
     (:func:`eartalk.model.precision.bf16_native`): 1.5x the steps of float32 in the same minutes.
@@ -692,6 +736,13 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
             raise ValueError(f"next_frames {tuple(next_frames.shape)} must match frames {tuple(frames.shape)}")
         if batch < 2 or batch % 2:
             raise ValueError(f"pair_weight > 0 needs an even batch >= 2, got {batch}")
+    if mix_prob > 0:
+        if pair_weight > 0:
+            raise ValueError("mix_prob > 0 does not combine with pair_weight > 0")
+        mix_frames, mix_of = torch.as_tensor(np.asarray(mix_frames)), torch.as_tensor(np.asarray(mix_of), dtype=torch.long)
+        if mix_of.shape != (M,) or mix_frames.shape[1:] != frames.shape[1:] or int(mix_of.max()) >= len(mix_frames):
+            raise ValueError(f"mix_of {tuple(mix_of.shape)} must give each of the {M} frames an index into mix_frames "
+                             f"{tuple(mix_frames.shape)} (frames {tuple(frames.shape[1:])}) or -1")
     if emotion_weight > 0 and not cfg.frame_codes:
         raise ValueError("emotion_weight > 0 needs frame codes (cfg.frame_codes > 0) to read the emotion from")
     use_states = state_weight > 0 or emotion_weight > 0
@@ -745,12 +796,19 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
                     st[:n_self] = float("nan")
                 if ex is not None:
                     ex[:n_self] = 0
+        mix = None
+        if mix_prob > 0:
+            twin = mix_of[i]
+            pick = (twin >= 0) & (torch.rand(len(i), generator=gen) < mix_prob)
+            pick[:n_self] = False             # the portrait samples are not the frames sampled
+            rows = pick.nonzero().flatten()
+            mix = (rows, mix_frames[twin[rows]], mix_shares(len(rows), tok.tokens_per_frame, gen))
         ramp = schedule.ramp(frac, *state_ramp)
         with train_autocast(bf16):
             d = tok.loss(x, p, change_weight=change_weight, pair_weight=pair_weight, state=st,
                          state_weight=state_weight * ramp if state_weight > 0 else None,
                          expr=ex, expr_weight=expr_weight, emotion_weight=emotion_weight,
-                         critic=critic, critic_weight=critic_weight)
+                         critic=critic, critic_weight=critic_weight, mix=mix)
         opt.zero_grad(set_to_none=True)
         d["loss"].backward()
         opt.step()
