@@ -416,6 +416,8 @@ def test_mixing_trains_only_with_twins_for_every_frame(cfg):
     with pytest.raises(ValueError, match="mix_of"):
         train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, mix_prob=0.5,
                         mix_frames=frames[:2], mix_of=np.array([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="needs mix_frames"):
+        train_tokenizer(frames, portraits, cfg, steps=1, progress=False, portrait_index=index, mix_prob=0.5)
     m = train_tokenizer(frames, portraits, cfg, steps=3, batch=4, progress=False, portrait_index=index, mix_prob=1.0,
                         mix_frames=frames[::-1].copy(), mix_of=np.array([0, 1, -1, 3]), self_every=0)
     assert m["steps"] == 3 and np.isfinite(m["loss"])

@@ -739,6 +739,8 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
     if mix_prob > 0:
         if pair_weight > 0:
             raise ValueError("mix_prob > 0 does not combine with pair_weight > 0")
+        if mix_frames is None or mix_of is None:
+            raise ValueError("mix_prob > 0 needs mix_frames (the twins) and mix_of (each frame's twin, or -1)")
         mix_frames, mix_of = torch.as_tensor(np.asarray(mix_frames)), torch.as_tensor(np.asarray(mix_of), dtype=torch.long)
         if mix_of.shape != (M,) or mix_frames.shape[1:] != frames.shape[1:] or int(mix_of.max()) >= len(mix_frames):
             raise ValueError(f"mix_of {tuple(mix_of.shape)} must give each of the {M} frames an index into mix_frames "
