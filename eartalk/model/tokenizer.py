@@ -408,8 +408,7 @@ class VQTokenizer(nn.Module):
         if len(rows) == 0:
             return q
         with torch.no_grad(), torch.autocast("cpu", enabled=False):   # the encoder is not trained by the mix
-            b = self.quant._bounded(self._encode(others, portrait[rows]).float())
-            other = self.quant._normalise(torch.round(b))     # no usage count: these codes are not the batch's
+            other = self.quant.lookup(self.encode(others, portrait[rows]), self.g)   # the twins' tokens' codes
         a = share.view(len(rows), 1, self.g, self.g)
         return q.index_add(0, rows, a * (other - q[rows]))
 
