@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from eartalk.data.corpus import (Clip, clip_done, cleanup_partial, list_clips, load_clip, read_gt_csv,
+from eartalk.data.corpus import (Clip, clip_done, clip_frames_at, cleanup_partial, list_clips, load_clip, read_gt_csv,
                                  write_clip, write_gt_csv, write_splits)
 
 
@@ -67,6 +67,20 @@ def test_clip_round_trip(tmp_path):
     files = sorted(p.name for p in (tmp_path / "clips").iterdir())
     assert files == ["c0001.frames.npy", "c0001.gt.csv", "c0001.json", "c0001.mp4", "c0001.wav"]
     assert load_clip(tmp_path, "c0001", frames=False).frames is None
+
+
+def test_clip_frames_at_reads_the_frames_load_clip_reads(tmp_path):
+    frames, audio, gt = _clip()
+    write_clip(tmp_path, "c0001", frames, audio, gt, {})
+    at = np.array([7, 0, 7, 9])
+    got = clip_frames_at(tmp_path, "c0001", at)
+    assert got.flags.c_contiguous and not isinstance(got, np.memmap)
+    np.testing.assert_array_equal(got, load_clip(tmp_path, "c0001").frames[at])
+    assert clip_frames_at(tmp_path, "c0001", np.zeros(0, int)).shape == (0, 32, 32, 3)
+    with pytest.raises(IndexError, match="frames 0..10 asked; it has 10"):
+        clip_frames_at(tmp_path, "c0001", [0, 10])
+    with pytest.raises(FileNotFoundError, match="clip 'c0002'"):
+        clip_frames_at(tmp_path, "c0002", [0])
 
 
 def test_clip_identity_none_for_an_imported_video(tmp_path):

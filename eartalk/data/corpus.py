@@ -267,6 +267,23 @@ def load_clip(corpus_dir, clip_id: str, frames: bool = True) -> Clip:
     return Clip(clip_id=clip_id, frames=arr, audio=audio, gt=gt, meta=meta)
 
 
+def clip_frames_at(corpus_dir, clip_id: str, at) -> np.ndarray:
+    """uint8 frames ``at`` (indices) of a complete clip, read through a memory map: only those
+    frames leave the disk, not the whole clip as :func:`load_clip` reads it."""
+    d = _clips(corpus_dir)
+    if not clip_done(corpus_dir, clip_id):
+        raise FileNotFoundError(f"clip {clip_id!r} in {d} is missing or incomplete "
+                                f"(no {clip_id}.json, or a file it lists is absent)")
+    n = read_meta(corpus_dir, clip_id)["n_frames"]
+    at = np.asarray(at, np.int64)
+    if at.size and (at.min() < 0 or at.max() >= n):
+        raise IndexError(f"clip {clip_id!r}: frames {at.min()}..{at.max()} asked; it has {n} (0..{n - 1})")
+    arr = np.load(d / f"{clip_id}.frames.npy", mmap_mode="r", allow_pickle=False)
+    if arr.shape[0] != n:
+        raise ValueError(f"{d / (clip_id + '.frames.npy')} has {arr.shape[0]} frames; its json says {n}")
+    return np.ascontiguousarray(arr[at])
+
+
 def write_splits(corpus_dir, splits: Mapping[str, list[str]]) -> None:
     """Write ``splits.json`` (split name -> list of clip ids), atomically."""
     for name, ids in splits.items():

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eartalk.data.corpus import list_clips, load_clip
+from eartalk.data.corpus import clip_frames_at, list_clips, load_clip
 from eartalk.data.expression_map import maps_of, neutral_frames
 from eartalk.data.synth import rerender
 from eartalk.model.bundle import load_bundle, save_bundle
@@ -53,8 +53,8 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
     else as it was: ``frames`` uint8 ``[M, 3, S, S]``, ``index`` (the clip's position in
     ``list_clips(corpus, split)``, as :func:`tokenizer_frames` numbers its portraits), ``at`` (the
     frame's number in its clip), ``blink`` (the value drawn), ``emotion`` (the state's, unchanged) and
-    ``exprs`` (their expression maps); with ``twins``, ``open`` too: each state rendered again with
-    the clip's own blink, as the corpus shows it (open but on the frames that blink)."""
+    ``exprs`` (their expression maps); with ``twins``, ``open`` too: each state's frame as the corpus
+    holds it, the clip's own blink (open but on the frames that blink)."""
     if clip_every < 1 or every < 1:
         raise ValueError(f"shut_eye_frames: every={every}, clip_every={clip_every}: expected both >= 1")
     rng = np.random.default_rng([seed, 29])
@@ -72,8 +72,8 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
         at = np.arange(int(rng.integers(0, every)), n, every)
         sub = {k: np.asarray(v)[at] for k, v in clip.gt.items()}
         own = int(clip.meta.get("size") or size)
-        if twins:
-            opens.append(np.moveaxis(fit_size(rerender(ident, sub, own), size), -1, -3))
+        if twins:       # the clip's own frames: its truth rendered again gives them back bit for bit
+            opens.append(np.moveaxis(fit_size(clip_frames_at(corpus, cid, at), size), -1, -3))
         sub["blink"] = rng.choice(SHUT_VALUES, len(at))
         f = rerender(ident, sub, own)
         m = maps_of(f, neutral_frames(ident, sub, np.arange(len(at)), own))
