@@ -11,7 +11,7 @@ from eartalk.cli import main
 from eartalk.data.corpus import list_clips, load_clip
 from eartalk.data.synth import rerender
 from eartalk.model.bundle import load_bundle
-from eartalk.model.decoder_stage import SHUT_VALUES, _stage_frames, decoder_stage, shut_eye_frames
+from eartalk.model.decoder_stage import SHUT_VALUES, _stage_frames, decoder_stage, merge_parts, shut_eye_frames
 from eartalk.model.finetune import encoder_digest
 from eartalk.model.recipe import _recipe, gpt_stage, tokenizer_frames, tokenizer_stage
 from eartalk.model.train_gpt import fit_size
@@ -55,8 +55,17 @@ def test_shut_eye_frames_are_the_renderers_frames_of_each_state_with_the_blink_d
         clip, mine = load_clip(corpus, ids[i]), s["index"] == i
         sub = {k: np.asarray(v)[s["at"][mine]] for k, v in clip.gt.items()}
         assert np.array_equal(tw["open"][mine], np.moveaxis(fit_size(rerender(clip.meta["identity"], sub, 32), 32), -1, 1))
+    # rendered in parts, each with the draws the whole gives its clips: merged, the whole
+    for n in (2, 3):
+        parts = [shut_eye_frames(corpus, "train", 32, every=5, clip_every=2, max_clips=None, seed=0, progress=False,
+                                 twins=True, part=(k, n)) for k in range(n)]
+        assert all(len(p["index"]) < len(tw["index"]) for p in parts)
+        merged = merge_parts(parts)
+        assert set(merged) == set(tw) and all(np.array_equal(merged[k], tw[k]) for k in tw)
     with pytest.raises(ValueError, match="clip_every=0"):
         shut_eye_frames(corpus, "train", 32, every=5, clip_every=0, max_clips=None, seed=0, progress=False)
+    with pytest.raises(ValueError, match=r"part=\(2, 2\): expected \(k, n\) with 0 <= k < n"):
+        shut_eye_frames(corpus, "train", 32, every=5, clip_every=2, max_clips=None, seed=0, progress=False, part=(2, 2))
 
 
 def test_the_stage_loads_what_the_two_loaders_give_with_the_renders_made_in_a_second_process(corpus):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eartalk.data.corpus import clip_frames_at, list_clips, load_clip
+from eartalk.data.corpus import clip_frames_at, list_clips, load_clip, read_meta
 from eartalk.data.expression_map import maps_of, neutral_frames
 from eartalk.data.synth import rerender
 from eartalk.model.bundle import load_bundle, save_bundle
@@ -41,22 +41,28 @@ from eartalk.model.recipe import _recipe, tokenizer_frames
 from eartalk.model.tokenizer import VQTokenizer
 from eartalk.model.train_gpt import fit_map_size, fit_size
 
-__all__ = ["SHUT_VALUES", "shut_eye_frames", "decoder_stage"]
+__all__ = ["SHUT_VALUES", "shut_eye_frames", "merge_parts", "decoder_stage"]
 
 SHUT_VALUES = (1.0, 1.0, 0.8, 0.6)      # blink values drawn for a shut render: mostly fully shut
 
 
 def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every: int, max_clips, seed: int,
-                    progress: bool, twins: bool = False) -> dict:
+                    progress: bool, twins: bool = False, part: tuple[int, int] = (0, 1)) -> dict:
     """One clip in ``clip_every`` of ``split`` (the first ``max_clips``), every ``every``-th frame
     from a random offset, re-rendered with the blink drawn from :data:`SHUT_VALUES` and everything
     else as it was: ``frames`` uint8 ``[M, 3, S, S]``, ``index`` (the clip's position in
     ``list_clips(corpus, split)``, as :func:`tokenizer_frames` numbers its portraits), ``at`` (the
     frame's number in its clip), ``blink`` (the value drawn), ``emotion`` (the state's, unchanged) and
     ``exprs`` (their expression maps); with ``twins``, ``open`` too: each state's frame as the corpus
-    holds it, the clip's own blink (open but on the frames that blink)."""
+    holds it, the clip's own blink (open but on the frames that blink).
+
+    ``part=(k, n)`` renders only the k-th of every n chosen clips, with the draws the whole would
+    give them: :func:`merge_parts` of the n parts is the whole, bit for bit."""
+    k, n_parts = part
     if clip_every < 1 or every < 1:
         raise ValueError(f"shut_eye_frames: every={every}, clip_every={clip_every}: expected both >= 1")
+    if not 0 <= k < n_parts:
+        raise ValueError(f"shut_eye_frames: part={part}: expected (k, n) with 0 <= k < n")
     rng = np.random.default_rng([seed, 29])
     frames, index, exprs, ats, blinks, emotions, opens = [], [], [], [], [], [], []
     ids = list_clips(corpus, split)[:max_clips]
@@ -64,17 +70,24 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
                                  disable=not progress)):
         if i % clip_every:
             continue
-        clip = load_clip(corpus, cid, frames=False)
-        ident = clip.identity
-        if ident is None or clip.gt is None:
+        # the draws come from the clip's metadata alone, so every part makes all of them in order
+        meta = read_meta(corpus, cid) or {}
+        if meta.get("identity") is None or f"{cid}.gt.csv" not in meta.get("files", ()):
             continue                        # an imported video: no face to render
-        n = len(clip.gt["blink"])
+        n = int(meta["n_frames"])
         at = np.arange(int(rng.integers(0, every)), n, every)
-        sub = {k: np.asarray(v)[at] for k, v in clip.gt.items()}
+        shut = rng.choice(SHUT_VALUES, len(at))
+        if (i // clip_every) % n_parts != k:
+            continue
+        clip = load_clip(corpus, cid, frames=False)
+        if len(clip.gt["blink"]) != n:
+            raise ValueError(f"clip {cid!r}: {len(clip.gt['blink'])} rows of ground truth; its json says {n} frames")
+        ident = clip.identity
+        sub = {key: np.asarray(v)[at] for key, v in clip.gt.items()}
         own = int(clip.meta.get("size") or size)
         if twins:       # the clip's own frames: its truth rendered again gives them back bit for bit
             opens.append(np.moveaxis(fit_size(clip_frames_at(corpus, cid, at), size), -1, -3))
-        sub["blink"] = rng.choice(SHUT_VALUES, len(at))
+        sub["blink"] = shut
         f = rerender(ident, sub, own)
         m = maps_of(f, neutral_frames(ident, sub, np.arange(len(at)), own))
         frames.append(np.moveaxis(fit_size(f, size), -1, -3))
@@ -93,20 +106,28 @@ def shut_eye_frames(corpus: Path, split: str, size: int, every: int, clip_every:
                 exprs=np.concatenate(exprs), **({"open": np.ascontiguousarray(np.concatenate(opens))} if twins else {}))
 
 
+def merge_parts(parts: list[dict]) -> dict:
+    """The parts of :func:`shut_eye_frames` (``part=(k, n)`` for every k) as the whole gives them: clip
+    by clip in ``index`` order, each clip's frames as they came."""
+    order = np.argsort(np.concatenate([p["index"] for p in parts]), kind="stable")
+    return {key: np.ascontiguousarray(np.concatenate([p[key] for p in parts])[order]) for key in parts[0]}
+
+
 def _stage_frames(corpus: Path, size: int, r: dict, seed: int, progress: bool) -> tuple[dict, dict]:
     """The stage's corpus frames (:func:`tokenizer_frames` with expression maps) and shut renders
-    (:func:`shut_eye_frames`), the renders made in a second process meanwhile: each is single-threaded
-    and about half the stage's loading, so the stage loads in 2.4 minutes instead of 3.4 (2-core EPYC)."""
+    (:func:`shut_eye_frames`), the renders made meanwhile in two more processes, half the clips each:
+    each loader is single-threaded, and the renders take longer than the corpus frames (2.8 minutes
+    against 1.5 for tiny, every clip rendered shut, 2-core EPYC), so the parent's core would idle."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    # fork: the child only renders with numpy (no torch), and sees the corpus as the parent does
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
-        shut = pool.submit(shut_eye_frames, corpus, "train", size, r["dec_every"], r["dec_shut_clips"],
-                           r["max_clips"], seed, False, r["dec_mix"] > 0)
+    # fork: the children only render with numpy (no torch), and see the corpus as the parent does
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+        parts = [pool.submit(shut_eye_frames, corpus, "train", size, r["dec_every"], r["dec_shut_clips"],
+                             r["max_clips"], seed, False, r["dec_mix"] > 0, (k, 2)) for k in range(2)]
         d = tokenizer_frames(corpus, "train", size, r["dec_every"], r["max_clips"], progress, expr=True)
-        if progress and not shut.done():
-            print("waiting for the shut-eye renders (a second process)...", flush=True)
-        return d, shut.result()
+        if progress and not all(f.done() for f in parts):
+            print("waiting for the shut-eye renders (two more processes)...", flush=True)
+        return d, merge_parts([f.result() for f in parts])
 
 
 def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
