@@ -13,7 +13,7 @@ def test_budget_scale_multiplies_every_stages_minutes_and_nothing_else():
     r = _recipe("tiny", 2.5)
     assert r["tok_minutes"] == RECIPES["tiny"]["tok_minutes"] * 2.5 == 62.5
     assert r["gpt_minutes"] == RECIPES["tiny"]["gpt_minutes"] * 2.5 == 112.5
-    assert r["dec_minutes"] == RECIPES["tiny"]["dec_minutes"] * 2.5 == 20
+    assert r["dec_minutes"] == RECIPES["tiny"]["dec_minutes"] * 2.5 == 22.5
     assert r["dec_critic_minutes"] == RECIPES["tiny"]["dec_critic_minutes"] * 2.5
     assert {k: v for k, v in r.items() if not k.endswith("minutes")} == \
         {k: v for k, v in RECIPES["tiny"].items() if not k.endswith("minutes")}
