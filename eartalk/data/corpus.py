@@ -245,23 +245,35 @@ def clip_done(corpus_dir, clip_id: str) -> bool:
     return all((d / f).is_file() for f in meta.get("files", ()))
 
 
+def _complete_meta(corpus_dir, clip_id: str) -> dict:
+    """A complete clip's metadata (one read of its json), or FileNotFoundError naming the clip."""
+    meta = read_meta(corpus_dir, _check_id(clip_id))
+    d = _clips(corpus_dir)
+    if meta is None or not all((d / f).is_file() for f in meta.get("files", ())):
+        raise FileNotFoundError(f"clip {clip_id!r} in {d} is missing or incomplete "
+                                f"(no {clip_id}.json, or a file it lists is absent)")
+    return meta
+
+
+def _frame_array(corpus_dir, clip_id: str, meta: dict, mmap: bool) -> np.ndarray:
+    """The clip's frame cache, checked against the frame count its json gives (memory-mapped: read
+    only where indexed)."""
+    path = _clips(corpus_dir) / f"{clip_id}.frames.npy"
+    arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if arr.shape[0] != meta["n_frames"]:
+        raise ValueError(f"{path} has {arr.shape[0]} frames; its json says {meta['n_frames']}")
+    return arr
+
+
 def load_clip(corpus_dir, clip_id: str, frames: bool = True) -> Clip:
     """Load a complete clip. ``frames=False`` skips the (large) frame array (``Clip.frames`` is None).
 
     Raises FileNotFoundError naming the clip if it is missing or incomplete.
     """
     d = _clips(corpus_dir)
-    if not clip_done(corpus_dir, clip_id):
-        raise FileNotFoundError(f"clip {clip_id!r} in {d} is missing or incomplete "
-                                f"(no {clip_id}.json, or a file it lists is absent)")
-    meta = read_meta(corpus_dir, clip_id)
+    meta = _complete_meta(corpus_dir, clip_id)
     files = set(meta["files"])
-    arr = None
-    if frames:
-        arr = np.load(d / f"{clip_id}.frames.npy", allow_pickle=False)
-        if arr.shape[0] != meta["n_frames"]:
-            raise ValueError(f"{d / (clip_id + '.frames.npy')} has {arr.shape[0]} frames; "
-                             f"its json says {meta['n_frames']}")
+    arr = _frame_array(corpus_dir, clip_id, meta, mmap=False) if frames else None
     gt = read_gt_csv(d / f"{clip_id}.gt.csv") if f"{clip_id}.gt.csv" in files else None
     audio = load_audio(d / f"{clip_id}.wav", SAMPLE_RATE)
     return Clip(clip_id=clip_id, frames=arr, audio=audio, gt=gt, meta=meta)
@@ -270,18 +282,12 @@ def load_clip(corpus_dir, clip_id: str, frames: bool = True) -> Clip:
 def clip_frames_at(corpus_dir, clip_id: str, at) -> np.ndarray:
     """uint8 frames ``at`` (indices) of a complete clip, read through a memory map: only those
     frames leave the disk, not the whole clip as :func:`load_clip` reads it."""
-    d = _clips(corpus_dir)
-    if not clip_done(corpus_dir, clip_id):
-        raise FileNotFoundError(f"clip {clip_id!r} in {d} is missing or incomplete "
-                                f"(no {clip_id}.json, or a file it lists is absent)")
-    n = read_meta(corpus_dir, clip_id)["n_frames"]
+    meta = _complete_meta(corpus_dir, clip_id)
+    n = meta["n_frames"]
     at = np.asarray(at, np.int64)
     if at.size and (at.min() < 0 or at.max() >= n):
         raise IndexError(f"clip {clip_id!r}: frames {at.min()}..{at.max()} asked; it has {n} (0..{n - 1})")
-    arr = np.load(d / f"{clip_id}.frames.npy", mmap_mode="r", allow_pickle=False)
-    if arr.shape[0] != n:
-        raise ValueError(f"{d / (clip_id + '.frames.npy')} has {arr.shape[0]} frames; its json says {n}")
-    return np.ascontiguousarray(arr[at])
+    return np.ascontiguousarray(_frame_array(corpus_dir, clip_id, meta, mmap=True)[at])
 
 
 def write_splits(corpus_dir, splits: Mapping[str, list[str]]) -> None:
