@@ -165,7 +165,7 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
     val = (v["frames"], v["portraits"], v["index"]) if v else None
     frames = np.concatenate([d["frames"], s["frames"]])
     # each shut render's open twin, to mix its codes with (dec_mix): -1 for the corpus frames
-    mix_of = np.concatenate([np.full(len(d["frames"]), -1), np.arange(len(s["frames"]))]) if r["dec_mix"] > 0 else None
+    mix_of = np.concatenate([np.full(len(d["frames"]), -1), np.arange(len(s["frames"]))]) if "open" in s else None
     critic, crit_m, minutes = None, None, r["dec_minutes"]
     if r["dec_critic"] > 0:
         # the shut renders keep their state's emotion: only the blink was drawn again
