@@ -1,6 +1,8 @@
 """Recipe budgets: --budget-scale multiplies the stages' minutes, and a stage that trained well under
-its shipped model's steps says which scale gives about that count."""
+its shipped model's steps says which scale gives about that count; the stages' frames loaded in processes."""
 import math
+
+import numpy as np
 
 import pytest
 
@@ -70,3 +72,53 @@ def test_train_prints_one_notice_per_stage_short_of_the_shipped_steps(capsys):
     # both stages at the shipped counts: silent
     _shortfall("tiny", {k: {"steps": int(shipped[k]["steps"])} for k in ("tokenizer", "gpt")}, 1.0)
     assert capsys.readouterr().err == ""
+
+
+def test_tokenizer_frames_loaded_in_processes_are_the_arrays_of_one(tmp_path):
+    from eartalk.data.corpus import list_clips, load_clip
+    from eartalk.data.synth import synthesize_corpus
+    from eartalk.model.recipe import tokenizer_frames
+    synthesize_corpus(tmp_path, 5, seed=2, size=32, workers=1, progress=False)
+    one = tokenizer_frames(tmp_path, "train", 32, 3, None, False, successors=True, expr=True)
+    two = tokenizer_frames(tmp_path, "train", 32, 3, None, False, successors=True, expr=True, workers=2)
+    assert set(one) == set(two) == {"frames", "portraits", "index", "states", "next_frames", "next_states",
+                                    "exprs", "next_exprs"}
+    assert all(np.array_equal(one[k], two[k], equal_nan=True) for k in one)
+    ids = list_clips(tmp_path, "train")
+    assert len(ids) > 1 and sorted(set(one["index"].tolist())) == list(range(len(ids)))
+    last = load_clip(tmp_path, ids[-1])          # the last clip's frames, in order, channels first
+    mine = np.flatnonzero(one["index"] == len(ids) - 1)
+    at = np.arange(0, len(np.asarray(last.frames)) - 1, 3)
+    assert np.array_equal(one["frames"][mine], np.moveaxis(np.asarray(last.frames)[at], -1, 1))
+    assert np.array_equal(one["next_frames"][mine], np.moveaxis(np.asarray(last.frames)[at + 1], -1, 1))
+
+
+def test_run_recipe_ends_the_transformer_in_time_for_the_decoder_stage_and_that_by_the_total(monkeypatch, tmp_path):
+    import eartalk.model.decoder_stage as decoder_stage
+    import eartalk.model.recipe as recipe
+    calls = {}
+    monkeypatch.setattr(recipe.time, "time", lambda: 1000.0)
+    monkeypatch.setattr(recipe, "tokenizer_stage", lambda *a, **k: calls.setdefault("tokenizer", a[-1]) and {})
+    monkeypatch.setattr(recipe, "gpt_stage", lambda *a, until=None: calls.setdefault("gpt", (a[-1], until)) and {})
+    monkeypatch.setattr(decoder_stage, "decoder_stage", lambda *a, until=None: calls.setdefault("decoder", (a[-1], until)) and {})
+    rep = recipe.run_recipe("tiny", tmp_path / "corpus", tmp_path / "out", False, 0, 2.0)
+    r = RECIPES["tiny"]
+    assert (r["total_minutes"], r["dec_minutes"], r["dec_load_minutes"]) == (89, 9, 3.0)
+    # at budget scale 2: the total 178 minutes, the decoder stage's 18 + 6 of them kept for it
+    assert calls == {"tokenizer": 2.0, "gpt": (2.0, 1000.0 + (178 - 24) * 60), "decoder": (2.0, 1000.0 + 178 * 60)}
+    assert rep["total_budget_minutes"] == 178 and rep["total_minutes"] == 0
+
+
+def test_train_says_when_the_total_shortened_the_transformer_stage(monkeypatch, tmp_path, capsys):
+    import eartalk.model.recipe as recipe
+    (tmp_path / "splits.json").write_text("{}")
+    rep = {"recipe": "tiny", "total_budget_minutes": 89, "total_minutes": 88.7,
+           "gpt": {"steps": 10 ** 6, "budget_minutes": 45, "schedule_minutes": 43.25}}
+    monkeypatch.setattr(recipe, "run_recipe", lambda *a, **k: rep)
+    assert main(["train", "--recipe", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "the transformer stage trained 43.25 of its 45 minutes, so that the recipe keeps to its 89" in out
+    assert "recipe tiny: 88.7 min (at most 89)" in out
+    rep["gpt"]["schedule_minutes"] = 45
+    assert main(["train", "--recipe", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert "transformer stage trained" not in capsys.readouterr().out

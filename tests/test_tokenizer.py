@@ -99,6 +99,34 @@ def test_encode_is_relative_to_the_portrait(cfg, tok):
         tok.encode(x, p[:1])
 
 
+@pytest.mark.parametrize("frame_codes", [0, 1])
+def test_encode_clip_equals_encode_against_the_repeated_portrait(frame_codes):
+    """The recipe's tokenizing path (portrait half of the first conv once, channels-last) gives
+    encode's codes, in batches that do not divide the clip, and leaves the weights as they were."""
+    torch.manual_seed(1)
+    tok = VQTokenizer(preset("test", frame_codes=frame_codes)).eval()
+    with torch.no_grad():       # an untrained encoder's latents sit near 0, one or two codes: spread them
+        tok.encoder[-1].weight.mul_(40)
+        if frame_codes:
+            tok.frame_head[-1].weight.mul_(40)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (37, 3, 32, 32), generator=g, dtype=torch.uint8)
+    p = torch.randint(0, 256, (1, 3, 32, 32), generator=g, dtype=torch.uint8)
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    with torch.no_grad():
+        want = tok.encode(x, p.expand(len(x), -1, -1, -1))
+    got = tok.encode_clip(x, p, batch=16)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert len(set(want.flatten().tolist())) > 4          # not a constant code: the frames differ
+    for k, v in tok.state_dict().items():
+        assert v.is_contiguous() and torch.equal(v, before[k]), k
+    assert tok.encode_clip(x[:0], p).shape == (0, tok.tokens_per_frame)
+    with pytest.raises(ValueError, match="one portrait"):
+        tok.encode_clip(x, p.expand(2, -1, -1, -1))
+    with pytest.raises(ValueError, match="32x32"):
+        tok.encode_clip(torch.rand(2, 3, 16, 16), p)
+
+
 def test_eval_is_deterministic(cfg, tok):
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():

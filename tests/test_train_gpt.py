@@ -190,6 +190,22 @@ def test_a_step_limited_run_checkpoints_its_last_step_and_resumes_from_it(tmp_pa
     assert idle["steps"] == 5 and idle["minutes"] == more["minutes"] and idle["train_loss"] == more["train_loss"]
 
 
+def test_a_deadline_shortens_the_schedule_but_not_below_a_quarter_of_the_budget(tmp_path):
+    import time
+
+    from eartalk.model.train_gpt import train_gpt
+    cfg = preset("test")
+    kw = dict(minutes=10.0, batch=2, T=6, progress=False, max_steps=2, resume=False)
+    far = train_gpt(new_bundle(cfg, seed=0), _clips(cfg), [], tmp_path / "a", deadline=time.time() + 3600, **kw)
+    assert far["schedule_minutes"] == 10.0 and far["steps"] == 2
+    none = train_gpt(new_bundle(cfg, seed=0), _clips(cfg), [], tmp_path / "b", **kw)
+    assert none["schedule_minutes"] == 10.0
+    past = train_gpt(new_bundle(cfg, seed=0), _clips(cfg), [], tmp_path / "c", deadline=time.time() - 3600, **kw)
+    assert past["schedule_minutes"] == 2.5 and past["steps"] == 2       # a quarter of the budget, still trained
+    soon = train_gpt(new_bundle(cfg, seed=0), _clips(cfg), [], tmp_path / "d", deadline=time.time() + 240, **kw)
+    assert 2.5 < soon["schedule_minutes"] <= 4.0
+
+
 def _clips(cfg, n=3, seed=0):
     from eartalk.model.train_gpt import ClipTokens
     rng = np.random.default_rng(seed)

@@ -95,7 +95,12 @@ def run(args) -> int:
     if args.recipe:
         rep = recipe.run_recipe(args.recipe, args.data, args.out, progress=not args.quiet, seed=args.seed,
                                 budget_scale=args.budget_scale)
-        print(f"recipe {args.recipe}: {rep['total_minutes']} min; model written to {args.out}")
+        gpt = rep["gpt"]
+        if gpt.get("schedule_minutes", gpt["budget_minutes"]) < gpt["budget_minutes"]:
+            print(f"the transformer stage trained {gpt['schedule_minutes']:g} of its {gpt['budget_minutes']:g} minutes, "
+                  f"so that the recipe keeps to its {rep['total_budget_minutes']:g}")
+        print(f"recipe {args.recipe}: {rep['total_minutes']} min (at most {rep['total_budget_minutes']:g}); "
+              f"model written to {args.out}")
         _shortfall(args.recipe, rep, args.budget_scale)
         return 0
     if args.what == "probe":

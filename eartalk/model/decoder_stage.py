@@ -26,6 +26,7 @@ The fine-tune on a person's videos (``finetune.py``) trains the same parts with 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def _stage_frames(corpus: Path, size: int, r: dict, seed: int, progress: bool) -
 
 
 def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
-                  budget_scale: float = 1.0) -> dict:
+                  budget_scale: float = 1.0, until: float | None = None) -> dict:
     """Stage 3 (``eartalk train decoder``): the bundle of stage 2 (``out/model.safetensors``) with
     its tokenizer's decoder trained ``dec_minutes`` on the train split's frames plus
     :func:`shut_eye_frames` (with ``dec_critic > 0``, the first ``dec_critic_minutes`` of them
@@ -139,7 +140,9 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
     training gaining ``decoder`` (with ``expression_critic``: the critic's own metrics; ``critic``:
     the decoder's last-tenth feature distance), and
     ``out/work/decoder/`` (curves, weights, ``tokenizer_report.json``). Run again, it trains again
-    from the tokenizer stage's decoder (``out/work/tokenizer.safetensors``)."""
+    from the tokenizer stage's decoder (``out/work/tokenizer.safetensors``). ``until`` (a ``time.time()``,
+    :func:`eartalk.model.recipe.run_recipe`): the decoder's training ends by then if that is sooner,
+    though never under a quarter of ``dec_minutes``."""
     r = _recipe(name, budget_scale)
     out = Path(out)
     if not (out / "model.json").exists():
@@ -176,13 +179,16 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
             read_size=r["dec_critic_read"], batch=64, seed=seed, progress=progress,
             val=(v["frames"], emotion_labels(v["states"]), blink_values(v["states"])) if v else None)
         minutes = max(r["dec_minutes"] - crit_m["minutes"], r["dec_minutes"] / 4)   # the critic's time is the stage's
+    if until is not None:           # the recipe's total
+        minutes = min(minutes, max((until - time.time()) / 60, r["dec_minutes"] / 4))
     m = train_decoder(tok, cfg, frames, d["portraits"],
                       np.concatenate([d["index"], s["index"]]), np.concatenate([d["exprs"], s["exprs"]]), val=val,
                       lr=r["dec_lr"], batch=r["tok_batch"], minutes=minutes, expr_weight=r["tok_expr"],
                       out_dir=work, seed=seed, progress=progress, critic=critic, critic_weight=r["dec_critic"],
                       mix_frames=s.get("open"), mix_of=mix_of, mix_prob=r["dec_mix"])
     m.update(expression_critic=crit_m, critic_weight=r["dec_critic"], frames=int(len(d["frames"])),
-             shut_frames=int(len(s["frames"])), mix_prob=r["dec_mix"], val_frames=len(val[0]) if val else 0, budget_minutes=r["dec_minutes"])
+             shut_frames=int(len(s["frames"])), mix_prob=r["dec_mix"], val_frames=len(val[0]) if val else 0, budget_minutes=r["dec_minutes"],
+             schedule_minutes=round(minutes, 2))
     (work / "tokenizer_report.json").write_text(json.dumps(m, indent=1))
     save_bundle(bundle, out, training={**training, "decoder": m})
     return m

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from eartalk.model.face_state import face_state
 from eartalk.model.tokenizer import VQTokenizer, state_token_accuracy, train_tokenizer
 from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_map_size, fit_size, stage_tokenizer, train_gpt
 
+# processes that load a stage's frames (tokenizer_frames): the loading is single-threaded numpy
+LOAD_WORKERS = min(4, os.cpu_count() or 1)
+
 RECIPES = {
-    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 8); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end); 2026-12-06 on a 2-core EPYC without AVX-512: decoder 8 (1,577 steps) + 3.4 loading and rendering (11.4 end to end; the loading 2.4 since session 34 makes the shut renders in a second process); total 89.4 <= 90
+    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 9, the whole 89); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end). 2026-12-07 on a 2-core EPYC without AVX-512: loading 1.9 (two processes; 4.1 in one), tokenizing 6.8 (encode_clip; about 9.4 before), the decoder stage 9 + ~3 loading: the total then ends the transformer stage early, by about 2 minutes
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
@@ -64,6 +68,10 @@ RECIPES = {
     # them at dec_critic_read pixels a side.
     # dec_mix: the share of shut renders decoded from codes part-mixed with their open twin's
     # (train_tokenizer mix_prob), as the transformer's codes of a pinned shut eye are; 0: none.
+    # total_minutes: the whole recipe's wall clock when its stages run together (run_recipe, `eartalk
+    # train --recipe`): the transformer stage's training ends dec_minutes + dec_load_minutes (the
+    # decoder stage's loading: 3.0 on a 2-core EPYC) before it, and the decoder stage's by it, so
+    # a slower CPU trains them shorter rather than running over (each keeps at least a quarter).
     # tiny's stage (session 36): the critic at 0.3 with every shut render mixed and every clip
     # re-rendered shut. Alone, the critic traded pinned blinks for emotion (sessions 33-34); with the
     # mix and twice the shut renders the whole model keeps them (0.875 of first shut frames against
@@ -73,53 +81,62 @@ RECIPES = {
                  frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24,
                  dec_minutes=9, dec_lr=5e-4, dec_every=12, dec_shut_clips=1, dec_critic=0.3, dec_critic_minutes=3.2, dec_critic_read=64,
-                 dec_mix=1.0),
+                 dec_mix=1.0, total_minutes=89, dec_load_minutes=3.0),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
                   frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4,
                   dec_minutes=0.1, dec_lr=5e-4, dec_every=4, dec_shut_clips=2, dec_critic=1.0, dec_critic_minutes=0.03, dec_critic_read=32,
-                  dec_mix=0.5),
+                  dec_mix=0.5, total_minutes=30, dec_load_minutes=0.5),
 }
 
 
 def tokenizer_frames(corpus: Path, split: str, size: int, every: int, max_clips, progress: bool,
-                    successors: bool = False, expr: bool = False) -> dict:
+                    successors: bool = False, expr: bool = False, workers: int = 1) -> dict:
     """Every ``every``-th frame of each clip of ``split`` with its clip's portrait, channels first,
     uint8, and each frame's face state (``face_state``, NaN rows for clips without ground truth):
     a dict of ``frames``, ``portraits``, ``index`` (frame -> portrait), ``states``; with
     ``successors`` also ``next_frames`` and ``next_states`` (frames then stop one before the
     clip's end). With ``expr`` also ``exprs`` (and ``next_exprs``): each frame's expression map
-    (``expression_map.expression_maps``; zeros for clips without ground truth)."""
-    frames, nexts, portraits, index, states, next_states = [], [], [], [], [], []
-    exprs, next_exprs = [], []
-    for i, cid in enumerate(tqdm(list_clips(corpus, split)[:max_clips], desc=f"loading {split} frames",
-                                 disable=not progress, unit="clip")):
-        clip = load_clip(corpus, cid)
-        all_frames = np.asarray(clip.frames)
-        at = np.arange(0, len(all_frames) - int(successors), every)
-        st = face_state(clip.gt, len(all_frames))
-        frames.append(fit_size(all_frames[at], size))
-        states.append(st[at])
-        if successors:
-            nexts.append(fit_size(all_frames[at + 1], size))
-            next_states.append(st[at + 1])
-        if expr:
-            exprs.append(_expr_maps(clip, at, size))
-            if successors:
-                next_exprs.append(_expr_maps(clip, at + 1, size))
-        portraits.append(clip_portrait(clip, size))
-        index.append(np.full(len(at), i))
+    (``expression_map.expression_maps``; zeros for clips without ground truth).
+
+    ``workers`` > 1 loads the clips in that many forked processes (numpy only), the same arrays:
+    the expression maps re-render every frame's face and are most of the loading (tiny's
+    tokenizer stage: 4.1 minutes in one process on a 2-core EPYC)."""
+    import functools
+    ids = list_clips(corpus, split)[:max_clips]
+    job = functools.partial(_clip_frames, corpus, size=size, every=every, successors=successors, expr=expr)
+    bar = functools.partial(tqdm, total=len(ids), desc=f"loading {split} frames", disable=not progress, unit="clip")
+    if workers > 1 and len(ids) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(workers, len(ids)), mp_context=mp.get_context("fork")) as pool:
+            clips = list(bar(pool.map(job, ids, chunksize=4)))
+    else:
+        clips = [job(cid) for cid in bar(ids)]
+    cat = lambda key: np.concatenate([c[key] for c in clips])   # noqa: E731
     to_chw = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, -3))  # noqa: E731
-    out = dict(frames=to_chw(np.concatenate(frames)), portraits=to_chw(np.stack(portraits)),
-               index=np.concatenate(index), states=np.concatenate(states))
+    out = dict(frames=to_chw(cat("frames")), portraits=to_chw(np.stack([c["portrait"] for c in clips])),
+               index=np.concatenate([np.full(len(c["frames"]), i) for i, c in enumerate(clips)]), states=cat("states"))
+    out.update({key: to_chw(cat(key)) if key == "next_frames" else cat(key)
+                for key in ("next_frames", "next_states", "exprs", "next_exprs") if key in clips[0]})
+    return out
+
+
+def _clip_frames(corpus: Path, cid: str, size: int, every: int, successors: bool, expr: bool) -> dict:
+    """One clip's part of :func:`tokenizer_frames`, frames channels last; ``portrait`` its sink frame."""
+    clip = load_clip(corpus, cid)
+    all_frames = np.asarray(clip.frames)
+    at = np.arange(0, len(all_frames) - int(successors), every)
+    st = face_state(clip.gt, len(all_frames))
+    out = dict(frames=fit_size(all_frames[at], size), states=st[at], portrait=clip_portrait(clip, size))
     if successors:
-        out.update(next_frames=to_chw(np.concatenate(nexts)), next_states=np.concatenate(next_states))
+        out.update(next_frames=fit_size(all_frames[at + 1], size), next_states=st[at + 1])
     if expr:
-        out["exprs"] = np.concatenate(exprs)
+        out["exprs"] = _expr_maps(clip, at, size)
         if successors:
-            out["next_exprs"] = np.concatenate(next_exprs)
+            out["next_exprs"] = _expr_maps(clip, at + 1, size)
     return out
 
 
@@ -158,8 +175,8 @@ def check_budget_scale(budget_scale, whose: str) -> float:
 
 
 def _recipe(name: str, budget_scale: float = 1.0) -> dict:
-    """Recipe ``name`` with its stages' minutes (``tok_minutes``, ``gpt_minutes``, ``dec_minutes``) times
-    ``budget_scale``."""
+    """Recipe ``name`` with its minutes (the stages' ``tok_minutes``, ``gpt_minutes``, ``dec_minutes``,
+    ``dec_critic_minutes``, and ``total_minutes``, ``dec_load_minutes``) times ``budget_scale``."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
     check_budget_scale(budget_scale, "recipe's")
@@ -168,6 +185,8 @@ def _recipe(name: str, budget_scale: float = 1.0) -> dict:
     r["gpt_minutes"] *= budget_scale
     r["dec_minutes"] *= budget_scale
     r["dec_critic_minutes"] *= budget_scale
+    r["total_minutes"] *= budget_scale
+    r["dec_load_minutes"] *= budget_scale
     return r
 
 
@@ -208,7 +227,7 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
     d = tokenizer_frames(corpus, "train", cfg.image_size, r["tok_every"], r["max_clips"], progress, successors=pairs,
-                        expr=r["tok_expr"] > 0)
+                        expr=r["tok_expr"] > 0, workers=LOAD_WORKERS)
     # held-out PSNR on the validation split (a small corpus may have none: then no validation)
     v = tokenizer_frames(corpus, "val", cfg.image_size, r["tok_every"] * 8, r["max_clips"], progress) \
         if list_clips(corpus, "val") else None
@@ -232,12 +251,13 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
 
 
 def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
-              budget_scale: float = 1.0) -> dict:
+              budget_scale: float = 1.0, until: float | None = None) -> dict:
     """Stage 2 (``eartalk train gpt``): with the frozen tokenizer of stage 1, tokenize the corpus and
     train the audio encoder and the transformer (resumable from ``out/work/gpt_ckpt.pt``); then
     write the bundle ``out/model.safetensors`` + ``out/model.json``. ``budget_scale`` multiplies
     the stage's minutes (:func:`_recipe`); a finished stage run again with a larger one resumes to
-    the new budget, its learning-rate schedule stretched to it."""
+    the new budget, its learning-rate schedule stretched to it. ``until`` (a ``time.time()``): the
+    training ends by then if that is sooner (``train_gpt`` ``deadline``; :func:`run_recipe`)."""
     r = _recipe(name, budget_scale)
     cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"])
     out = Path(out)
@@ -263,7 +283,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
                             start_prob=r["gpt_start"], mouth_weight=r["gpt_mouth"], change_weight=r["gpt_change"],
                             portrait_share=r["gpt_portrait"], plausible=r["gpt_plausible"], stale_prob=r["gpt_stale"],
                             draft_prob=r["gpt_refine"], readout_weight=r["gpt_readout"],
-                            readout_ramp=r["gpt_readout_ramp"], seed=seed,
+                            readout_ramp=r["gpt_readout_ramp"], seed=seed, deadline=until,
                             progress=progress))
     rep_path = work / "tokenizer_report.json"
     tok_report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
@@ -276,17 +296,25 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
 
 def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,
                budget_scale: float = 1.0) -> dict:
-    """The three stages; a finished tokenizer (``out/work/tokenizer.safetensors``) is kept, not redone,
-    and the transformer resumes from its checkpoint."""
+    """The three stages within the recipe's ``total_minutes``: the transformer stage's training ends
+    in time for the decoder stage's loading and minutes, and the decoder stage's by the total. A
+    finished tokenizer (``out/work/tokenizer.safetensors``) is kept, not redone, and the transformer
+    resumes from its checkpoint (the total then counts from this run's start). The stages' reports
+    and the minutes are also written to ``out/work/recipe_report.json``."""
     from eartalk.model.decoder_stage import decoder_stage
-    _recipe(name, budget_scale)
+    r = _recipe(name, budget_scale)
     t0 = time.time()
-    report = {"recipe": name, "corpus": str(corpus)}
+    end = t0 + r["total_minutes"] * 60
+    report = {"recipe": name, "corpus": str(corpus), "total_budget_minutes": r["total_minutes"]}
     if not (Path(out) / "work" / "tokenizer.safetensors").exists():
         report["tokenizer"] = tokenizer_stage(name, corpus, out, progress, seed, budget_scale)
     report["tokenizer_minutes"] = round((time.time() - t0) / 60, 2)
-    report["gpt"] = gpt_stage(name, corpus, out, progress, seed, budget_scale)
-    if RECIPES[name]["dec_minutes"] > 0:
-        report["decoder"] = decoder_stage(name, corpus, out, progress, seed, budget_scale)
+    decoder = r["dec_minutes"] > 0
+    gpt_end = end - (r["dec_minutes"] + r["dec_load_minutes"]) * 60 if decoder else end
+    report["gpt"] = gpt_stage(name, corpus, out, progress, seed, budget_scale, until=gpt_end)
+    if decoder:
+        report["decoder"] = decoder_stage(name, corpus, out, progress, seed, budget_scale, until=end)
     report["total_minutes"] = round((time.time() - t0) / 60, 2)
+    (Path(out) / "work").mkdir(parents=True, exist_ok=True)
+    (Path(out) / "work" / "recipe_report.json").write_text(json.dumps(report, indent=1, default=str))
     return report

@@ -264,6 +264,32 @@ class VQTokenizer(nn.Module):
         relative to ``portrait`` (same shape; default: the images themselves, the sink frame)."""
         return self.quant.indices(self._encode(images, portrait))
 
+    @torch.no_grad()
+    def encode_clip(self, frames, portrait, batch: int = 128) -> torch.Tensor:
+        """A clip's frames uint8 or float ``[T, 3, S, S]`` against its one ``portrait`` ``[1, 3, S, S]``
+        -> tokens int64 ``[T, N]``: :meth:`encode` with the portrait repeated, about twice as fast
+        (the recipe tokenizes 170,000 corpus frames). Why: the portrait enters the encoder only in
+        its first convolution, whose portrait half is computed here once, not once per frame; the
+        rest runs channels-last, a fifth faster on CPU. The codes are encode's up to float rounding."""
+        p = self._check_size(_to_float01(portrait))
+        if p.shape[0] != 1:
+            raise ValueError(f"encode_clip: expected one portrait [1, 3, S, S], got {tuple(p.shape)}")
+        unpack, conv = self.encoder[0], self.encoder[1]
+        half = conv.in_channels // 2           # the frame's channels come first, then the portrait's
+        w = conv.weight
+        p_half = F.conv2d(unpack(p * 2 - 1), w[:, half:], conv.bias, conv.stride, conv.padding)
+        rest = self.encoder[2:-1]
+        rest.to(memory_format=torch.channels_last)
+        try:
+            out = []
+            for x in torch.as_tensor(frames).split(batch) if len(frames) else ():
+                x = self._check_size(_to_float01(x))
+                h = F.conv2d(unpack(x * 2 - 1), w[:, :half], None, conv.stride, conv.padding) + p_half
+                out.append(self.quant.indices(self._latents(rest(h.contiguous(memory_format=torch.channels_last)))))
+        finally:
+            rest.to(memory_format=torch.contiguous_format)
+        return torch.cat(out) if out else torch.zeros(0, self.tokens_per_frame, dtype=torch.int64)
+
     def reference(self, portrait) -> torch.Tensor:
         """portrait ``[B, 3, S, S]`` -> ``ref [B, Cr + 48, S/4, S/4]``; compute once per session."""
         p = self._check_size(_to_float01(portrait))
@@ -447,7 +473,10 @@ class VQTokenizer(nn.Module):
         p = x if portrait is None else self._check_size(_to_float01(portrait))
         if p.shape != x.shape:
             raise ValueError(f"portrait {tuple(p.shape)} must match images {tuple(x.shape)}")
-        feat = self.encoder[:-1](torch.cat([x, p], 1) * 2 - 1)
+        return self._latents(self.encoder[:-1](torch.cat([x, p], 1) * 2 - 1))
+
+    def _latents(self, feat):
+        """The encoder's last features ``[B, C, g, g]`` -> latents ``[B, d, g, g]``."""
         z = self.encoder[-1](feat)
         if self.k:      # the last k cells: one latent each for the whole frame
             B, d, g, _ = z.shape

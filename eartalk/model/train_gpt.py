@@ -86,8 +86,7 @@ def tokenize_corpus(bundle: ModelBundle, corpus: Path, split: str, max_clips: in
         clip = load_clip(corpus, cid)
         frames = torch.from_numpy(fit_size(np.asarray(clip.frames), cfg.image_size)).permute(0, 3, 1, 2)
         portrait = torch.from_numpy(clip_portrait(clip, cfg.image_size)).permute(2, 0, 1)[None]
-        toks = torch.cat([tok.encode(f, portrait.expand(len(f), -1, -1, -1))
-                          for f in frames.split(128)])   # tokens are relative to the portrait
+        toks = tok.encode_clip(frames, portrait)   # tokens are relative to the portrait
         mel = logmel(torch.from_numpy(clip.audio.astype(np.float32)))[0]
         out.append(ClipTokens(cid, toks.numpy().astype(np.int16), tok.encode(portrait)[0].numpy().astype(np.int16),
                               mel.float().numpy(), clip.gt))
@@ -390,7 +389,8 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
               bf16: bool | None = None, change_weight: float = 1.0, start_prob: float = 0.0,
               mouth_weight: float = 0.0, portrait_share: float = 0.0, plausible: bool = False,
               stale_prob: float = 0.0, draft_prob: float = 0.0, readout_weight: float = 0.0,
-              readout_steps: int = 1500, readout_ramp: tuple[float, float] = (0.0, 0.0)) -> dict:
+              readout_steps: int = 1500, readout_ramp: tuple[float, float] = (0.0, 0.0),
+              deadline: float | None = None) -> dict:
     """Train until ``max_steps`` or the time budget; checkpoints to ``out_dir/gpt_ckpt.pt`` (resumable).
 
     ``mouth_weight``: weight of :func:`mouth_loss` (the audio encoder's mouth and viseme probe) added
@@ -399,7 +399,9 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
     fitted for ``readout_steps`` on the true codes of ``train``, outside the time budget, and kept in
     the checkpoint); 0: none. ``readout_ramp`` ``(start, full)``: the fractions of the time budget over
     which that weight rises from 0 (:func:`eartalk.model.schedule.ramp`; ``(0, 0)``: from the first
-    step). ``draft_prob``: see :func:`gpt_loss`
+    step). ``deadline`` (a ``time.time()``): the budget ends then if that is sooner, the schedule
+    fitted to it, but never under a quarter of ``minutes`` (the recipe's total, ``recipe.run_recipe``).
+    ``draft_prob``: see :func:`gpt_loss`
     (refinement; validation stays draft-free, the first pass). ``bf16``: autocast the training forward
     (default: where the CPU has native bf16, :func:`eartalk.model.precision.bf16_native`)."""
     bf16 = resolve_bf16(bf16)
@@ -445,10 +447,12 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
     budget = minutes * 60
     vrng = np.random.default_rng(12345)
     vbatches = [make_batch(bundle, val, batch, T, 0.5, vrng) for _ in range(4)] if val else []
+    t0 = time.time() - spent
+    if deadline is not None:
+        budget = min(budget, max(deadline - t0, budget / 4))
     # the stage ends on its time budget (steps rarely bind), so the bar counts budget seconds
     bar = tqdm(total=int(budget), initial=int(spent), desc="gpt", unit="s", disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
-    t0 = time.time() - spent
     bundle.gpt.train()
     bundle.audio.train()
     while step < max_steps and time.time() - t0 < budget:
@@ -492,7 +496,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
     bar.close()
     bundle.eval()
     plot_curves(hist, out_dir / "gpt_curves.png")
-    return {"steps": step, "minutes": round(spent / 60, 2),
+    return {"steps": step, "minutes": round(spent / 60, 2), "schedule_minutes": round(budget / 60, 2),
             "train_loss": float(np.mean(hist["loss"][-50:])) if hist["loss"] else None,
             "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None,
             "mouth_loss": float(np.mean(hist["mouth"][-50:])) if hist["mouth"] else None,
