@@ -50,6 +50,11 @@ def test_shortfall_names_the_shipped_steps_and_the_scale_that_reaches_them():
     assert step_shortfall("tiny", "gpt", math.ceil(0.9 * gpt)) is None
     assert step_shortfall("tiny", "gpt", math.ceil(0.9 * gpt) - 1) is not None
     assert step_shortfall("smoke", "gpt", 1) is None
+    # cut short by the recipe's total: the minutes it trained, and the scale from its steps a minute
+    cut = step_shortfall("tiny", "gpt", steps, trained_minutes=36.0)
+    assert "in 36 of its 45 minutes (the recipe's total cut it short)" in cut
+    assert f"--budget-scale {math.ceil(gpt / (steps / 36 * 45) * 10) / 10:g}` " in cut
+    assert step_shortfall("tiny", "gpt", steps, trained_minutes=45.0) == notice
 
 
 def test_cli_refuses_a_bad_budget_scale_and_one_given_to_the_probe(tmp_path, capsys):
@@ -72,6 +77,12 @@ def test_train_prints_one_notice_per_stage_short_of_the_shipped_steps(capsys):
     # both stages at the shipped counts: silent
     _shortfall("tiny", {k: {"steps": int(shipped[k]["steps"])} for k in ("tokenizer", "gpt")}, 1.0)
     assert capsys.readouterr().err == ""
+    # cut short by the recipe's total: the minutes trained, the decoder's with its critic's
+    _shortfall("tiny", {"gpt": {"steps": 10, "schedule_minutes": 40.0},
+                        "decoder": {"steps": 10, "schedule_minutes": 5.0, "expression_critic": {"minutes": 3.2}}}, 1.0)
+    err = capsys.readouterr().err
+    assert "gpt stage trained 10 steps in 40 of its 45 minutes" in err
+    assert "decoder stage trained 10 steps in 8.2 of its 9 minutes" in err
 
 
 def test_tokenizer_frames_loaded_in_processes_are_the_arrays_of_one(tmp_path):
@@ -118,7 +129,7 @@ def test_train_says_when_the_total_shortened_the_transformer_stage(monkeypatch, 
     assert main(["train", "--recipe", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "the transformer stage trained 43.25 of its 45 minutes, so that the recipe keeps to its 89" in out
-    assert "recipe tiny: 88.7 min (at most 89)" in out
+    assert "recipe tiny: 88.7 min (its budget 89)" in out
     rep["gpt"]["schedule_minutes"] = 45
     assert main(["train", "--recipe", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     assert "transformer stage trained" not in capsys.readouterr().out

@@ -99,7 +99,7 @@ def run(args) -> int:
         if gpt.get("schedule_minutes", gpt["budget_minutes"]) < gpt["budget_minutes"]:
             print(f"the transformer stage trained {gpt['schedule_minutes']:g} of its {gpt['budget_minutes']:g} minutes, "
                   f"so that the recipe keeps to its {rep['total_budget_minutes']:g}")
-        print(f"recipe {args.recipe}: {rep['total_minutes']} min (at most {rep['total_budget_minutes']:g}); "
+        print(f"recipe {args.recipe}: {rep['total_minutes']} min (its budget {rep['total_budget_minutes']:g}); "
               f"model written to {args.out}")
         _shortfall(args.recipe, rep, args.budget_scale)
         return 0
@@ -146,6 +146,10 @@ def _shortfall(name: str, reports: dict, budget_scale: float) -> None:
     from eartalk.model.recipe import step_shortfall
     for stage in ("tokenizer", "gpt", "decoder"):
         if isinstance(reports.get(stage), dict) and "steps" in reports[stage]:
-            notice = step_shortfall(name, stage, int(reports[stage]["steps"]), budget_scale)
+            rep = reports[stage]
+            trained = rep.get("schedule_minutes")     # the decoder's follows its critic's, both in its budget
+            if trained is not None and stage == "decoder":
+                trained += (rep.get("expression_critic") or {}).get("minutes", 0.0)
+            notice = step_shortfall(name, stage, int(rep["steps"]), budget_scale, trained)
             if notice:
                 print(f"notice: {notice}", file=sys.stderr)

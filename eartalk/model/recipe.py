@@ -190,10 +190,13 @@ def _recipe(name: str, budget_scale: float = 1.0) -> dict:
     return r
 
 
-def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0) -> str | None:
+def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0,
+                   trained_minutes: float | None = None) -> str | None:
     """A notice when a stage of recipe ``name`` trained under 90% of the steps its shipped model's
     did (the stages stop on time, so a slower CPU trains fewer), naming the ``--budget-scale`` that
-    gives about the shipped count; None when it did not, or no shipped model came from ``name``."""
+    gives about the shipped count; None when it did not, or no shipped model came from ``name``.
+    ``trained_minutes``: what the stage trained when the recipe's total cut its minutes short
+    (:func:`run_recipe`); the scale then counts from those minutes' steps."""
     from eartalk.model.bundle import read_card
     r = _recipe(name, budget_scale)
     try:
@@ -206,11 +209,15 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0)
     if not shipped or steps >= 0.9 * shipped:
         return None
     minutes = r[{"tokenizer": "tok_minutes", "gpt": "gpt_minutes", "decoder": "dec_minutes"}[stage]]
-    scale = math.ceil(budget_scale * shipped / max(steps, 1) * 10) / 10
+    short = trained_minutes is not None and trained_minutes < minutes - 0.01
+    rate = max(steps, 1) / (trained_minutes if short else minutes)        # steps a minute on this CPU
+    scale = math.ceil(budget_scale * shipped / (rate * minutes) * 10) / 10
+    where = (f"in {trained_minutes:.4g} of its {minutes:g} minutes (the recipe's total cut it short)" if short
+             else f"in its {minutes:g} minutes")
     # the transformer resumes from its checkpoint; the tokenizer has none and trains again
     again = {"gpt": "the stage resumes from its checkpoint", "tokenizer": "the stage trains again from its start",
              "decoder": "the stage trains again from the tokenizer stage's decoder"}[stage]
-    return (f"the {stage} stage trained {steps:,} steps in its {minutes:g} minutes; the shipped {r['preset']!r} "
+    return (f"the {stage} stage trained {steps:,} steps {where}; the shipped {r['preset']!r} "
             f"model's had {shipped:,}: this CPU is slower than the one that made it, so this model will measure "
             f"below the model card. `eartalk train {stage} --recipe {name} ... --budget-scale {scale:g}` trains "
             f"about the shipped count ({again})")
