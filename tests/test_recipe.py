@@ -112,6 +112,7 @@ def test_run_recipe_ends_the_transformer_in_time_for_the_decoder_stage_and_that_
     monkeypatch.setattr(recipe, "tokenizer_stage", lambda *a, **k: calls.setdefault("tokenizer", a[-1]) and {})
     monkeypatch.setattr(recipe, "gpt_stage", lambda *a, until=None: calls.setdefault("gpt", (a[-1], until)) and {})
     monkeypatch.setattr(decoder_stage, "decoder_stage", lambda *a, until=None: calls.setdefault("decoder", (a[-1], until)) and {})
+    (tmp_path / "out" / "work").mkdir(parents=True)     # what the stubbed stages would have made
     rep = recipe.run_recipe("tiny", tmp_path / "corpus", tmp_path / "out", False, 0, 2.0)
     r = RECIPES["tiny"]
     assert (r["total_minutes"], r["dec_minutes"], r["dec_load_minutes"]) == (89, 9, 3.0)

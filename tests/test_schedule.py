@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from eartalk.model.schedule import ramp, warmup_cosine
+from eartalk.model.schedule import by_deadline, ramp, warmup_cosine
 
 
 def test_ramp_is_zero_before_its_start_linear_between_and_one_after():
@@ -51,3 +51,11 @@ def test_warmup_cosine_is_bit_for_bit_the_formulas_the_stages_used_before_it(ste
 def test_a_floor_outside_zero_to_one_is_refused(floor):
     with pytest.raises(AssertionError, match="floor"):
         warmup_cosine(1e-3, 10, 0.5, floor=floor)
+
+
+def test_by_deadline_cuts_a_stage_to_its_deadline_but_never_under_a_quarter():
+    assert by_deadline(45.0, None) == 45.0                  # no deadline: the whole budget
+    assert by_deadline(45.0, 3600.0) == 45.0                # a later deadline: the whole budget
+    assert by_deadline(45.0, 43.08 * 60) == 43.08           # the EPYC run's transformer stage
+    assert by_deadline(45.0, 60.0) == 11.25                 # squeezed: a quarter
+    assert by_deadline(45.0, -60.0) == 11.25                # already past: a quarter

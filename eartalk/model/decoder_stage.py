@@ -39,6 +39,7 @@ from eartalk.model.bundle import load_bundle, save_bundle
 from eartalk.model.expression_critic import blink_values, emotion_labels, train_critic
 from eartalk.model.finetune import encoder_digest, train_decoder
 from eartalk.model.recipe import _recipe, tokenizer_frames
+from eartalk.model.schedule import by_deadline
 from eartalk.model.tokenizer import VQTokenizer
 from eartalk.model.train_gpt import fit_map_size, fit_size
 
@@ -180,7 +181,7 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
             val=(v["frames"], emotion_labels(v["states"]), blink_values(v["states"])) if v else None)
         minutes = max(r["dec_minutes"] - crit_m["minutes"], r["dec_minutes"] / 4)   # the critic's time is the stage's
     if until is not None:           # the recipe's total
-        minutes = min(minutes, max((until - time.time()) / 60, r["dec_minutes"] / 4))
+        minutes = min(minutes, by_deadline(r["dec_minutes"], until - time.time()))
     m = train_decoder(tok, cfg, frames, d["portraits"],
                       np.concatenate([d["index"], s["index"]]), np.concatenate([d["exprs"], s["exprs"]]), val=val,
                       lr=r["dec_lr"], batch=r["tok_batch"], minutes=minutes, expr_weight=r["tok_expr"],

@@ -322,6 +322,5 @@ def run_recipe(name: str, corpus: Path, out: Path, progress: bool = True, seed: 
     if decoder:
         report["decoder"] = decoder_stage(name, corpus, out, progress, seed, budget_scale, until=end)
     report["total_minutes"] = round((time.time() - t0) / 60, 2)
-    (Path(out) / "work").mkdir(parents=True, exist_ok=True)
     (Path(out) / "work" / "recipe_report.json").write_text(json.dumps(report, indent=1, default=str))
     return report

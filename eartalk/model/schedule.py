@@ -21,3 +21,12 @@ def warmup_cosine(lr: float, step: int, frac: float, warmup: int = 50, floor: fl
     assert 0.0 <= floor <= 1.0, f"warmup_cosine: floor {floor} is a share of lr, expected 0..1"
     cosine = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
     return lr * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * cosine)
+
+
+def by_deadline(minutes: float, seconds_left: float | None) -> float:
+    """A stage's ``minutes`` cut to end ``seconds_left`` from its start (None: not cut), though never
+    under a quarter of them: a stage that a recipe's total (``recipe.run_recipe``) squeezes to
+    nothing would leave its part of the model untrained."""
+    if seconds_left is None:
+        return minutes
+    return min(minutes, max(seconds_left / 60, minutes / 4))

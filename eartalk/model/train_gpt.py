@@ -444,12 +444,10 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
             readout_report["minutes"] = round((time.time() - t_ro) / 60, 2)
     rng = np.random.default_rng([seed, step])
     gen = torch.Generator().manual_seed(seed * 1000003 + step)
-    budget = minutes * 60
     vrng = np.random.default_rng(12345)
     vbatches = [make_batch(bundle, val, batch, T, 0.5, vrng) for _ in range(4)] if val else []
     t0 = time.time() - spent
-    if deadline is not None:
-        budget = min(budget, max(deadline - t0, budget / 4))
+    budget = schedule.by_deadline(minutes, None if deadline is None else deadline - t0) * 60
     # the stage ends on its time budget (steps rarely bind), so the bar counts budget seconds
     bar = tqdm(total=int(budget), initial=int(spent), desc="gpt", unit="s", disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]")
