@@ -134,3 +134,42 @@ def test_train_says_when_the_total_shortened_the_transformer_stage(monkeypatch, 
     rep["gpt"]["schedule_minutes"] = 45
     assert main(["train", "--recipe", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     assert "transformer stage trained" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["tiny", "smoke"])
+def test_the_tokenizer_stage_trains_in_the_precision_its_recipe_names(monkeypatch, tmp_path, name):
+    """tok_bf16 reaches train_tokenizer: False in tiny (float32 measured better per minute on an AMX
+    Xeon), None (the CPU decides) in smoke."""
+    import eartalk.model.recipe as recipe
+    seen = {}
+
+    def fake_train(*a, **k):
+        seen.update(k)
+        raise StopIteration          # nothing past the call is under test
+    n = 4
+    frames = dict(frames=np.zeros((n, 3, 8, 8), np.uint8), portraits=np.zeros((1, 3, 8, 8), np.uint8),
+                  index=np.zeros(n, np.int64), states=np.zeros((n, 1), np.float32), exprs=np.zeros((n, 8, 8), np.uint8))
+    monkeypatch.setattr(recipe, "tokenizer_frames", lambda *a, **k: frames)
+    monkeypatch.setattr(recipe, "list_clips", lambda *a: [])
+    monkeypatch.setattr(recipe, "train_tokenizer", fake_train)
+    with pytest.raises(StopIteration):
+        recipe.tokenizer_stage(name, tmp_path / "corpus", tmp_path / "out", progress=False)
+    assert RECIPES["tiny"]["tok_bf16"] is False and RECIPES["smoke"]["tok_bf16"] is None
+    assert seen["bf16"] is RECIPES[name]["tok_bf16"]
+
+
+def test_the_decoder_stage_passes_its_precision_to_train_tokenizer(monkeypatch):
+    import eartalk.model.finetune as finetune
+    seen = []
+
+    def fake_train(*a, **k):
+        seen.append(k["bf16"])
+        raise StopIteration
+    monkeypatch.setattr(finetune, "train_tokenizer", fake_train)
+    monkeypatch.setattr(finetune, "_freeze_encoder", lambda tok: [])
+    monkeypatch.setattr(finetune, "encoder_digest", lambda tok: "d")
+    for bf16 in (False, None, True):
+        with pytest.raises(StopIteration):
+            finetune.train_decoder(None, None, None, None, None, None, val=None, lr=1e-3, batch=2, minutes=1,
+                                   expr_weight=0, out_dir=".", seed=0, progress=False, bf16=bf16)
+    assert seen == [False, None, True]

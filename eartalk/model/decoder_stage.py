@@ -186,7 +186,7 @@ def decoder_stage(name: str, corpus: Path, out: Path, progress: bool = True, see
                       np.concatenate([d["index"], s["index"]]), np.concatenate([d["exprs"], s["exprs"]]), val=val,
                       lr=r["dec_lr"], batch=r["tok_batch"], minutes=minutes, expr_weight=r["tok_expr"],
                       out_dir=work, seed=seed, progress=progress, critic=critic, critic_weight=r["dec_critic"],
-                      mix_frames=s.get("open"), mix_of=mix_of, mix_prob=r["dec_mix"])
+                      mix_frames=s.get("open"), mix_of=mix_of, mix_prob=r["dec_mix"], bf16=r["tok_bf16"])
     m.update(expression_critic=crit_m, critic_weight=r["dec_critic"], frames=int(len(d["frames"])),
              shut_frames=int(len(s["frames"])), mix_prob=r["dec_mix"], val_frames=len(val[0]) if val else 0, budget_minutes=r["dec_minutes"],
              schedule_minutes=round(minutes, 2))

@@ -148,12 +148,12 @@ def decoder_stage(base: str | Path, data: Path, out: Path, mix: Path | None = No
 
 def train_decoder(tok: VQTokenizer, cfg, frames, portraits, index, exprs, *, val, lr: float, batch: int,
                   minutes: float, expr_weight: float, out_dir: Path, seed: int, progress: bool, critic=None,
-                  critic_weight: float = 0.0, mix_frames=None, mix_of=None, mix_prob: float = 0.0) -> dict:
+                  critic_weight: float = 0.0, mix_frames=None, mix_of=None, mix_prob: float = 0.0,
+                  bf16: bool | None = None) -> dict:
     """Train ``tok``'s :data:`DECODER_PARTS` on ``frames`` (against ``portraits[index]``, their
     expression maps ``exprs`` weighted by ``expr_weight``; the expression ``critic``'s feature distance
     by ``critic_weight``; codes mixed with twins' by ``mix_prob``, see ``train_tokenizer``) for ``minutes``,
-    its encoder frozen; the
-    stage of the fine-tune and the recipe's third. -> ``train_tokenizer``'s metrics without the model,
+    its encoder frozen (``bf16``: as ``train_tokenizer``'s); the stage of the fine-tune and the recipe's third. -> ``train_tokenizer``'s metrics without the model,
     plus ``val_psnr_before`` (on ``val``), ``encoder_sha256`` and ``trainable_tensors``. A RuntimeError
     if the encoder's digest moved: the transformer was trained on its codes."""
     before = held_out_scores(tok, *val)[0] if val else None
@@ -162,7 +162,8 @@ def train_decoder(tok: VQTokenizer, cfg, frames, portraits, index, exprs, *, val
     m = train_tokenizer(frames, portraits, cfg, steps=10 ** 6, batch=batch, lr=lr, out_dir=str(out_dir),
                         progress=progress, portrait_index=index, tokenizer=tok, seed=seed, max_minutes=minutes,
                         val=val, val_every=250, self_every=0, exprs=exprs, expr_weight=expr_weight, critic=critic,
-                        critic_weight=critic_weight, mix_frames=mix_frames, mix_of=mix_of, mix_prob=mix_prob)
+                        critic_weight=critic_weight, mix_frames=mix_frames, mix_of=mix_of, mix_prob=mix_prob,
+                        bf16=bf16)
     m.pop("model")
     tok.eval()
     if encoder_digest(tok) != digest:

@@ -54,6 +54,10 @@ RECIPES = {
     # tok_emotion: weight of the frame codes naming the frame's emotion (VQTokenizer.loss
     # emotion_weight; needs frame_codes > 0).
     # warp: the tokenizer's decoder warps the portrait by a learned flow (ModelConfig.warp).
+    # tok_bf16: the tokenizer's training (stages 1 and 3) under bf16 autocast; None: where the CPU has
+    # native bf16 (precision.bf16_native), False: float32. False in tiny: on a 2-core AMX Xeon (Emerald
+    # Rapids, 2026-12-07) a step in float32 took 0.37 s against 0.27 in bf16, but was worth more:
+    # held-out PSNR after 1,500 steps 22.43 dB against 21.91 (docs/model-history.md, session 38).
     # gpt_readout: weight of the control read-out term on the predicted codes (train_gpt readout_weight,
     # eartalk.model.control_readout); 0 in tiny, which must reproduce the shipped weights: at 1 the
     # transformer stage gained gaze and emotion but lost 0.28 dB on the same machine and minutes
@@ -77,14 +81,14 @@ RECIPES = {
     # mix and twice the shut renders the whole model keeps them (0.875 of first shut frames against
     # 0.866) and reads emotion on 51.0% of frames against 41.9%, for 0.13 dB (docs/model-history.md).
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
-                 tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0,
+                 tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0, tok_bf16=False,
                  frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24,
                  dec_minutes=9, dec_lr=5e-4, dec_every=12, dec_shut_clips=1, dec_critic=0.3, dec_critic_minutes=3.2, dec_critic_read=64,
                  dec_mix=1.0, total_minutes=89, dec_load_minutes=3.0),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
-                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0,
+                  tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0, tok_bf16=None,
                   frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4,
                   dec_minutes=0.1, dec_lr=5e-4, dec_every=4, dec_shut_clips=2, dec_critic=1.0, dec_critic_minutes=0.03, dec_critic_read=32,
@@ -245,7 +249,7 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
                         next_frames=d.get("next_frames"), pair_weight=r["tok_pair"], states=d["states"],
                         next_states=d.get("next_states"), state_weight=r["tok_state"],
                         state_ramp=r["tok_state_ramp"], exprs=d.get("exprs"), next_exprs=d.get("next_exprs"),
-                        expr_weight=r["tok_expr"], emotion_weight=r["tok_emotion"])
+                        expr_weight=r["tok_expr"], emotion_weight=r["tok_emotion"], bf16=r["tok_bf16"])
     tok = m.pop("model")
     if v and r["tok_state"] > 0:
         m["val_state_acc"] = state_token_accuracy(tok, v["frames"], v["portraits"], v["index"], v["states"])
