@@ -28,7 +28,7 @@ from eartalk.model.train_gpt import cached_tokens, clip_portrait, fit_map_size, 
 LOAD_WORKERS = min(4, os.cpu_count() or 1)
 
 RECIPES = {
-    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 9, the whole 89); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end). 2026-12-07 on a 2-core EPYC without AVX-512: loading 1.9 (two processes; 4.1 in one), tokenizing 6.8 (encode_clip; about 9.4 before), the decoder stage 9 + ~3 loading: the total then ends the transformer stage early, by about 2 minutes
+    # minutes per stage (budgets: tokenizer 25 or 10,000 steps, GPT 45, decoder 9, the whole 89); 2026-12-04 on the 2-core AMX Xeon (bf16): tokenizer 25 (9,711 steps) + ~2.5 loading, tokenizing 5.6, GPT 45 (6,337 steps with refinement drafts; 78 end to end). 2026-12-07 on a 2-core EPYC without AVX-512: loading 1.9 (two processes; 4.1 in one), tokenizing 6.8 (encode_clip; about 9.4 before), the decoder stage 9 + ~3 loading: the total then ends the transformer stage early, by about 2 minutes. 2026-12-07 on a slower 2-core AMX Xeon (Emerald Rapids): a tokenizer step 0.27 s in bf16, 0.37 in float32 (tok_bf16)
     # gpt_corrupt: range of the fraction of input tokens replaced by random codes (each window draws
     # its own); gpt_lr/gpt_warmup: peak learning rate and its warm-up steps; gpt_start: fraction of
     # training windows that start at a clip's first frame (see train_gpt.gpt_loss / make_batch);
