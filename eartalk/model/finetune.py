@@ -152,10 +152,11 @@ def train_decoder(tok: VQTokenizer, cfg, frames, portraits, index, exprs, *, val
                   bf16: bool | None = None) -> dict:
     """Train ``tok``'s :data:`DECODER_PARTS` on ``frames`` (against ``portraits[index]``, their
     expression maps ``exprs`` weighted by ``expr_weight``; the expression ``critic``'s feature distance
-    by ``critic_weight``; codes mixed with twins' by ``mix_prob``, see ``train_tokenizer``) for ``minutes``,
-    its encoder frozen (``bf16``: as ``train_tokenizer``'s); the stage of the fine-tune and the recipe's third. -> ``train_tokenizer``'s metrics without the model,
-    plus ``val_psnr_before`` (on ``val``), ``encoder_sha256`` and ``trainable_tensors``. A RuntimeError
-    if the encoder's digest moved: the transformer was trained on its codes."""
+    by ``critic_weight``; codes mixed with twins' by ``mix_prob``; ``bf16`` as ``train_tokenizer``'s)
+    for ``minutes``, its encoder frozen; the stage of the fine-tune and the recipe's third.
+    -> ``train_tokenizer``'s metrics without the model, plus ``val_psnr_before`` (on ``val``),
+    ``encoder_sha256`` and ``trainable_tensors``. A RuntimeError if the encoder's digest moved: the
+    transformer was trained on its codes."""
     before = held_out_scores(tok, *val)[0] if val else None
     digest = encoder_digest(tok)
     trainable = _freeze_encoder(tok)
