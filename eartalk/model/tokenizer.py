@@ -754,7 +754,9 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
 
     ``bf16``: autocast the encoder and decoder to bfloat16 (quantisation and the loss stay float32;
     validation and the saved weights are float32); default where the CPU has native bf16
-    (:func:`eartalk.model.precision.bf16_native`): 1.5x the steps of float32 in the same minutes.
+    (:func:`eartalk.model.precision.bf16_native`): 1.35-1.5x the steps of float32 in the same minutes,
+    but each worth less: the recipe ``tiny`` passes False (its ``tok_bf16``), as on an AMX Xeon its
+    25-minute stage reached 24.37 dB held-out in float32 against 23.33 in bf16.
     """
     frames, portraits, portrait_index = _as_set(frames, portraits, portrait_index)
     M = frames.shape[0]
