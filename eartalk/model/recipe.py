@@ -195,12 +195,19 @@ def _recipe(name: str, budget_scale: float = 1.0) -> dict:
 
 
 def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0,
-                   trained_minutes: float | None = None) -> str | None:
+                   trained_minutes: float | None = None, bf16: bool | None = None,
+                   held_out: float | None = None) -> str | None:
     """A notice when a stage of recipe ``name`` trained under 90% of the steps its shipped model's
     did (the stages stop on time, so a slower CPU trains fewer), naming the ``--budget-scale`` that
     gives about the shipped count; None when it did not, or no shipped model came from ``name``.
     ``trained_minutes``: what the stage trained when the recipe's total cut its minutes short
-    (:func:`run_recipe`); the scale then counts from those minutes' steps."""
+    (:func:`run_recipe`); the scale then counts from those minutes' steps.
+
+    ``bf16``: whether this stage trained under bf16 autocast (its report's ``bf16``). When it and
+    the shipped stage's differ, steps do not compare (a float32 tokenizer step was worth more than a
+    bf16 one, docs/model-history.md session 38): the notice then compares ``held_out`` (the stage's
+    held-out PSNR, or the transformer's validation loss) with the shipped stage's, and is None when
+    this one is as good (within 0.1 dB, or 1% of the loss) or either is unknown."""
     from eartalk.model.bundle import read_card
     r = _recipe(name, budget_scale)
     try:
@@ -209,7 +216,10 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0,
         return None
     if card.get("recipe") != name:
         return None
-    shipped = int(card.get("training", {}).get(stage, {}).get("steps") or 0)
+    ref = card.get("training", {}).get(stage, {})
+    shipped = int(ref.get("steps") or 0)
+    if bf16 is not None and ref.get("bf16") is not None and bool(ref["bf16"]) != bool(bf16):
+        return _precision_notice(name, stage, steps, bf16, ref, held_out, r["preset"])
     if not shipped or steps >= 0.9 * shipped:
         return None
     minutes = r[{"tokenizer": "tok_minutes", "gpt": "gpt_minutes", "decoder": "dec_minutes"}[stage]]
@@ -225,6 +235,24 @@ def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0,
             f"model's had {shipped:,}: this CPU is slower than the one that made it, so this model will measure "
             f"below the model card. `eartalk train {stage} --recipe {name} ... --budget-scale {scale:g}` trains "
             f"about the shipped count ({again})")
+
+
+def _precision_notice(name: str, stage: str, steps: int, bf16: bool, ref: dict, held_out: float | None,
+                      preset_name: str) -> str | None:
+    """:func:`step_shortfall`'s notice for a stage trained in another precision than the shipped one's:
+    its held-out figure against the shipped stage's, as the step counts do not compare."""
+    loss = stage == "gpt"      # the transformer's is a validation loss (lower is better), the others' PSNR
+    shipped = ref.get("val_loss" if loss else "val_psnr")
+    if held_out is None or shipped is None:
+        return None
+    if (held_out <= shipped * 1.01) if loss else (held_out >= shipped - 0.1):
+        return None
+    what, unit = ("validation loss", "") if loss else ("held-out PSNR", " dB")
+    prec = {True: "bf16", False: "float32"}
+    return (f"the {stage} stage trained {steps:,} steps in {prec[bool(bf16)]}; the shipped {preset_name!r} model's "
+            f"trained {int(ref.get('steps') or 0):,} in {prec[bool(ref['bf16'])]}, so the step counts do not compare. "
+            f"Its {what} is {held_out:.4g}{unit} against the shipped {shipped:.4g}{unit}: this model will measure "
+            f"below the model card. `eartalk train {stage} --recipe {name} ... --budget-scale` above 1 trains longer")
 
 
 def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: int = 0,

@@ -870,7 +870,7 @@ def train_tokenizer(frames, portraits, cfg, steps: int = 2000, lr: float = 2e-3,
         val_curve.append((last, val_psnr))
         metrics["val_psnr"] = val_psnr
     metrics.update(codebook=tok.codebook_usage(), steps=last + 1, val_curve=val_curve,
-                   minutes=round((time.time() - t0) / 60, 2))
+                   minutes=round((time.time() - t0) / 60, 2), bf16=bf16)
     codes = metrics.get("val_codes", metrics["codebook"]["used"])
     metrics["collapsed"] = codes < floor
     if metrics["collapsed"]:

@@ -499,7 +499,7 @@ def train_gpt(bundle: ModelBundle, train: list[ClipTokens], val: list[ClipTokens
             "val_loss": hist["val_loss"][-1] if hist["val_loss"] else None,
             "mouth_loss": float(np.mean(hist["mouth"][-50:])) if hist["mouth"] else None,
             "readout_loss": float(np.mean(hist["readout"][-50:])) if hist["readout"] else None,
-            "readout": readout_report}
+            "readout": readout_report, "bf16": bf16}
 
 
 @torch.no_grad()
