@@ -135,6 +135,9 @@ def decoder_stage(base: str | Path, data: Path, out: Path, mix: Path | None = No
     v = tokenizer_frames(data, "val", cfg.image_size, s["dec_every"] * 4, None, progress) \
         if list_clips(data, "val") else None
     val = (v["frames"], v["portraits"], v["index"]) if v else None
+    # bf16 where the CPU has it (train_tokenizer's default): unlike the recipe's tokenizer trained from
+    # scratch, these 8 minutes from trained weights measured level in bf16 and float32 on an AMX Xeon
+    # (docs/model-history.md, session 39)
     m = train_decoder(tok, cfg, d["frames"], d["portraits"], d["index"], d["exprs"], val=val, lr=s["dec_lr"],
                       batch=s["dec_batch"], minutes=s["dec_minutes"], expr_weight=_base_recipe(bundle.meta)["tok_expr"],
                       out_dir=work, seed=seed, progress=progress)
