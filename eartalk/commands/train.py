@@ -30,8 +30,8 @@ DESCRIPTION = """Train on a corpus made by `eartalk synth` (or imported videos).
 
   The stages stop on time (tiny: tokenizer 25, transformer 45, decoder 9 minutes), so a CPU slower than the one
   that made the shipped model trains fewer steps, and says so at the end with the --budget-scale
-  that would give about the shipped step count (a stage trained in another precision than the
-  shipped one's, float32 against bf16, is judged by its held-out figure instead: its steps are
+  that would give about the shipped step count (a tokenizer trained in another precision than the
+  shipped one's, float32 against bf16, is judged by its held-out PSNR instead, as its steps are
   worth more or less than the shipped ones). The transformer stage run again with that flag
   resumes from its checkpoint to the new budget; the tokenizer stage trains again from its start:
   eartalk train gpt --recipe tiny --data data/corpus --out runs/tiny --budget-scale 2.5
@@ -152,7 +152,7 @@ def _shortfall(name: str, reports: dict, budget_scale: float) -> None:
             trained = rep.get("schedule_minutes")     # the decoder's follows its critic's, both in its budget
             if trained is not None and stage == "decoder":
                 trained += (rep.get("expression_critic") or {}).get("minutes", 0.0)
-            held_out = rep.get("val_loss" if stage == "gpt" else "val_psnr")
-            notice = step_shortfall(name, stage, int(rep["steps"]), budget_scale, trained, rep.get("bf16"), held_out)
+            notice = step_shortfall(name, stage, int(rep["steps"]), budget_scale, trained, rep.get("bf16"),
+                                    rep.get("val_psnr"))
             if notice:
                 print(f"notice: {notice}", file=sys.stderr)
