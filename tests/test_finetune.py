@@ -65,6 +65,17 @@ def test_encoder_digest_follows_the_encoder_and_ignores_the_decoder():
     assert encoder_digest(tok) != d
 
 
+def test_the_decoder_stage_trains_every_part_that_is_not_the_encoder():
+    """_freeze_encoder leaves trainable exactly the weights outside the encoder (and the training-only
+    heads), the pixel tail among them: a part missing from DECODER_PARTS would stay untrained."""
+    from eartalk.model.finetune import _freeze_encoder
+    tok = VQTokenizer(preset("test", frame_codes=1, pixel_tail=4))
+    trainable = set(_freeze_encoder(tok))
+    frozen = {n for n, _ in tok.named_parameters()} - trainable
+    assert {n.split(".")[0] for n in frozen} == {"encoder", "frame_head", "frame_emotion", "state_head"}
+    assert {"tail.1.weight", "tail.5.bias"} <= trainable
+
+
 def test_fine_tune_keeps_the_codes_trains_the_decoder_and_transformer_and_names_its_base(dirs, tmp_path):
     base, mix, mine = dirs
     out = tmp_path / "run"

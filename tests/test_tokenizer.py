@@ -586,6 +586,54 @@ def test_a_decoder_without_the_warp_exports_without_grid_sample(tmp_path):
     np.testing.assert_allclose(dec.run(None, {"codes": codes.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)
 
 
+def test_pixel_tail_config_round_trip():
+    old = preset("test").to_dict()
+    assert "pixel_tail" not in old            # earlier bundles' configs (no such field) compare equal
+    cfg = preset("test", pixel_tail=4)
+    assert cfg.to_dict()["pixel_tail"] == 4 and type(cfg).from_dict(cfg.to_dict()) == cfg
+    assert type(cfg).from_dict(old).pixel_tail == 0 and VQTokenizer(type(cfg).from_dict(old)).tail is None
+    with pytest.raises(AssertionError, match="pixel_tail"):
+        preset("test", pixel_tail=-1)
+
+
+@pytest.mark.parametrize("warp", [True, False])
+def test_a_new_pixel_tail_leaves_the_decoders_blend_as_it_was(warp):
+    """Its last conv starts at zero: the frame is the decoder's blend, bit for bit, and the tail's
+    inputs still reach the loss (its first convs get gradients once the last one moves)."""
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", warp=warp, pixel_tail=4)).eval()
+    x, p = torch.rand(3, 3, tok.S, tok.S), torch.rand(3, 3, tok.S, tok.S)
+    with torch.no_grad():
+        toks, ref = tok.encode(x, p), tok.reference(p)
+        with_tail = tok.decode(toks, ref)
+        tail, tok.tail = tok.tail, None
+        without = tok.decode(toks, ref)
+        tok.tail = tail
+    assert torch.equal(with_tail, without)
+    with torch.no_grad():
+        tok.tail[-2].weight.normal_(0, 0.5)
+        moved = tok.decode(toks, ref)
+    assert not torch.equal(moved, without) and moved.min() >= 0 and moved.max() <= 1
+    tok.train()
+    tok.loss(x, p)["loss"].backward()
+    assert tok.tail[1].weight.grad.abs().sum() > 0
+
+
+def test_a_decoder_with_a_pixel_tail_exports(tmp_path):
+    torch.manual_seed(0)
+    tok = VQTokenizer(preset("test", pixel_tail=4)).eval()
+    with torch.no_grad():
+        tok.tail[-2].weight.normal_(0, 0.1)      # a trained tail: not the zero correction
+    S = tok.S
+    x = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        toks, ref = tok.encode(x), tok.reference(x)
+        want = tok.decode(toks, ref)
+    codes = code_table(tok.cfg.codebook_size)[toks]
+    dec = _export(TokenizerDecode(tok), (codes, ref), tmp_path / "dec.onnx", ["codes", "ref"], ["images"])
+    np.testing.assert_allclose(dec.run(None, {"codes": codes.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)
+
+
 def test_collapse_floor():
     assert [collapse_floor(v) for v in (16, 64, 512, 4096)] == [2, 4, 32, 256]
 

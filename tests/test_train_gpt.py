@@ -160,8 +160,8 @@ def test_recipe_stages_write_a_loadable_model_and_resume(corpus, tmp_path):
     assert rep["steps"] > 0 and np.isfinite(rep["train_loss"]) and np.isfinite(rep["mouth_loss"])
     assert np.isfinite(rep["readout_loss"]) and rep["readout"]["held_out"]   # the smoke recipe's read-out term
     bundle = load_bundle(out)                       # hash and config checked
-    # the smoke recipe trains refinement, a frame code and a decoder without the warp
-    assert bundle.cfg == preset("test", refine=True, frame_codes=1, warp=False)
+    # the smoke recipe trains refinement, a frame code and a decoder without the warp, with a pixel tail
+    assert bundle.cfg == preset("test", refine=True, frame_codes=1, warp=False, pixel_tail=4)
     assert not hasattr(bundle.tokenizer, "coarse_flow") and not hasattr(bundle.tokenizer, "fine_flow")
     card = json.loads((out / "model.json").read_text())
     assert card["recipe"] == "smoke" and card["training"]["tokenizer"]["val_psnr"] == tok["val_psnr"]

@@ -49,6 +49,14 @@ class ModelConfig:
     # 0.11, emotion 50% against 19%, and 10% less time a step (docs/model-history.md). But the
     # whole tiny recipe without it (session 24) made a worse model, so every bundle warps (True).
     warp: bool = True
+    # A full-resolution tail of this many channels after the decoder's blend: three 3x3 convs that
+    # see the blended frame, the (warped) portrait, the generated colour and the mask, and add a
+    # correction (the last conv starts at zero, so a new tail starts as the decoder without one).
+    # Why: the decoder works at S/4 and unpacks 4x4 pixels per cell with a 1x1 conv, and its
+    # reconstructions blur what moved a few pixels (brows, nose lines, lip line) into 16-pixel
+    # blocks; a tail of a few pixels' reach can put such edges back. 0 = off, as every bundle
+    # before 2026-12-07.
+    pixel_tail: int = 0
     # audio
     sample_rate: int = 16000
     fps: int = 25
@@ -86,6 +94,7 @@ class ModelConfig:
         self.tokens_per_frame = self.token_grid ** 2
         assert 0 <= self.frame_codes < self.tokens_per_frame, \
             f"frame_codes={self.frame_codes}: expected 0 .. {self.tokens_per_frame - 1}"
+        assert self.pixel_tail >= 0, f"pixel_tail={self.pixel_tail}: expected 0 (off) or a channel count"
         self.page_tokens = self.cond_tokens + self.audio_tokens + self.tokens_per_frame
         self.cache_tokens = (self.sink_frames + self.window) * self.page_tokens
         self.d_model = self.n_head * self.head_dim
@@ -115,7 +124,7 @@ class ModelConfig:
 
 # Fields added after bundles had shipped, with the value that means "as before": left out of
 # to_dict at that value, so the configs of earlier bundles and exports still compare equal.
-_LATER_FIELDS = {"frame_codes": 0, "warp": True}
+_LATER_FIELDS = {"frame_codes": 0, "warp": True, "pixel_tail": 0}
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(),

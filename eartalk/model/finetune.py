@@ -47,7 +47,7 @@ FINETUNE = dict(dec_minutes=8.0, dec_lr=5e-4, dec_batch=16, dec_every=2, dec_mix
 
 # tokenizer parts the decoder stage trains: everything that turns codes (and the portrait) into a frame
 DECODER_PARTS = ("ref_encoder", "dec_in", "attn_q", "attn_kv", "attn_out", "dec_top", "coarse_flow",
-                 "ref_proj", "fuse_norm", "fuse", "refine", "up", "head_norm", "fine_flow", "head", "frame_in")
+                 "ref_proj", "fuse_norm", "fuse", "refine", "up", "head_norm", "fine_flow", "head", "frame_in", "tail")
 
 
 def _settings(budget_scale: float) -> dict:

@@ -54,6 +54,7 @@ RECIPES = {
     # tok_emotion: weight of the frame codes naming the frame's emotion (VQTokenizer.loss
     # emotion_weight; needs frame_codes > 0).
     # warp: the tokenizer's decoder warps the portrait by a learned flow (ModelConfig.warp).
+    # pixel_tail: channels of the decoder's full-resolution tail (ModelConfig.pixel_tail; 0: none).
     # tok_bf16: the tokenizer's training (stages 1 and 3) under bf16 autocast; None: where the CPU has
     # native bf16 (precision.bf16_native), False: float32. False in tiny: on a 2-core AMX Xeon (Emerald
     # Rapids, 2026-12-07) a step in float32 took 0.37 s against 0.27 in bf16, but was worth more:
@@ -82,14 +83,14 @@ RECIPES = {
     # 0.866) and reads emotion on 51.0% of frames against 41.9%, for 0.13 dB (docs/model-history.md).
     "tiny": dict(preset="tiny", tok_steps=10000, tok_batch=16, tok_lr=2e-3, tok_minutes=25, tok_every=6,
                  tok_self=0, tok_pair=0.0, tok_state=0.0, tok_state_ramp=(0.25, 0.5), tok_expr=6.0, tok_bf16=False,
-                 frame_codes=0, tok_emotion=0.0, warp=True, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
+                 frame_codes=0, tok_emotion=0.0, warp=True, pixel_tail=0, gpt_minutes=45, gpt_batch=4, gpt_corrupt=(0.0, 1.0), gpt_plausible=True, gpt_stale=1.0, gpt_lr=2e-3, gpt_warmup=100,
                  gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=0.0, gpt_readout_ramp=(0.0, 0.0), max_clips=None, val_clips=24,
                  dec_minutes=9, dec_lr=5e-4, dec_every=12, dec_shut_clips=1, dec_critic=0.3, dec_critic_minutes=3.2, dec_critic_read=64,
                  dec_mix=1.0, total_minutes=89, dec_load_minutes=3.0),
     # a smoke test of the whole pipeline (seconds)
     "smoke": dict(preset="test", tok_steps=30, tok_batch=4, tok_lr=2e-3, tok_minutes=1, tok_every=4, tok_self=8,
                   tok_pair=0.0, tok_state=0.1, tok_state_ramp=(0.0, 0.0), tok_expr=6.0, tok_bf16=None,
-                  frame_codes=1, tok_emotion=0.05, warp=False, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
+                  frame_codes=1, tok_emotion=0.05, warp=False, pixel_tail=4, gpt_minutes=0.3, gpt_batch=2, gpt_corrupt=(0.0, 0.9), gpt_plausible=True, gpt_stale=0.5, gpt_lr=2e-3, gpt_warmup=100,
                   gpt_start=0.25, gpt_mouth=1.0, gpt_change=3.0, gpt_portrait=0.5, gpt_refine=0.5, gpt_readout=1.0, gpt_readout_ramp=(0.0, 0.0), max_clips=4, val_clips=4,
                   dec_minutes=0.1, dec_lr=5e-4, dec_every=4, dec_shut_clips=2, dec_critic=1.0, dec_critic_minutes=0.03, dec_critic_read=32,
                   dec_mix=0.5, total_minutes=30, dec_load_minutes=0.5),
@@ -260,7 +261,7 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     held-out PSNR on the validation split; writes ``out/work/tokenizer.safetensors`` and curves.
     ``budget_scale`` multiplies the stage's minutes (:func:`_recipe`)."""
     r = _recipe(name, budget_scale)
-    cfg = preset(r["preset"], frame_codes=r["frame_codes"], warp=r["warp"])
+    cfg = preset(r["preset"], frame_codes=r["frame_codes"], warp=r["warp"], pixel_tail=r["pixel_tail"])
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
@@ -297,7 +298,8 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     the new budget, its learning-rate schedule stretched to it. ``until`` (a ``time.time()``): the
     training ends by then if that is sooner (``train_gpt`` ``deadline``; :func:`run_recipe`)."""
     r = _recipe(name, budget_scale)
-    cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"])
+    cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"],
+                 pixel_tail=r["pixel_tail"])
     out = Path(out)
     work = out / "work"
     tok_path = stage_tokenizer(out, f"train the tokenizer first (`eartalk train tokenizer --recipe {name} "

@@ -245,11 +245,21 @@ class VQTokenizer(nn.Module):
         if self.warp:
             self.fine_flow = nn.Conv2d(widths[0], 2, 3, padding=1)
         self.head = nn.Conv2d(widths[0], SUBPIX * SUBPIX * 4, 1)
+        # full-resolution tail (cfg.pixel_tail): blend, portrait, colour and mask -> a correction
+        t = cfg.pixel_tail
+        # at S/2 (2x2 pixels packed per position): full-resolution convs of few channels cost 2.5x
+        # as much time per MAC on a CPU
+        self.tail = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(40, t, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(t, t, 3, padding=1), nn.SiLU(), nn.Conv2d(t, 12, 3, padding=1),
+                                  nn.PixelShuffle(2)) if t else None
         with torch.no_grad():  # start as the unwarped portrait (mask ~0.95): learn only departures
             for conv in (self.coarse_flow, self.fine_flow) if self.warp else ():
                 conv.weight.zero_()
                 conv.bias.zero_()
             self.head.bias.view(4, SUBPIX * SUBPIX)[3].fill_(3.0)
+            if self.tail is not None:       # no correction yet: the decoder's own blend
+                self.tail[-2].weight.zero_()
+                self.tail[-2].bias.zero_()
             # the state head starts at the middle level of every digit
             mid = (torch.tensor(self.quant.levels, dtype=torch.float32) - 1) / 2
             self.state_head[-1].bias.copy_(mid.view(-1, 1).expand(-1, g * g).reshape(-1))
@@ -544,7 +554,11 @@ class VQTokenizer(nn.Module):
         if self.warp:
             flow = F.interpolate(flow, size=h.shape[-2:], mode="bilinear", align_corners=False) + self.fine_flow(h)
             portrait = self._warp(portrait, flow)
-        return mask * portrait + (1 - mask) * rgb
+        out = mask * portrait + (1 - mask) * rgb
+        if self.tail is None:
+            return out
+        delta = self.tail(torch.cat([out, portrait, rgb, mask], 1) * 2 - 1)
+        return (out + delta).clamp(0, 1)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
