@@ -573,16 +573,19 @@ def test_a_decoder_that_keeps_the_portrait_returns_it_unwarped_at_init(warp):
 def test_a_decoder_without_the_warp_exports_without_grid_sample(tmp_path):
     import onnx
     torch.manual_seed(0)
-    tok = VQTokenizer(preset("test", warp=False)).eval()
-    S = tok.S
-    x = torch.rand(2, 3, S, S)
+    _assert_decode_graph_matches(VQTokenizer(preset("test", warp=False)).eval(), tmp_path)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dec.onnx")).graph.node}
+    assert "GridSample" not in ops and "Conv" in ops
+
+
+def _assert_decode_graph_matches(tok, tmp_path):
+    """``tok``'s decode graph exported to ``tmp_path/dec.onnx`` gives its frames on random frames' codes."""
+    x = torch.rand(2, 3, tok.S, tok.S)
     with torch.no_grad():
         toks, ref = tok.encode(x), tok.reference(x)
         want = tok.decode(toks, ref)
     codes = code_table(tok.cfg.codebook_size)[toks]
     dec = _export(TokenizerDecode(tok), (codes, ref), tmp_path / "dec.onnx", ["codes", "ref"], ["images"])
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "dec.onnx")).graph.node}
-    assert "GridSample" not in ops and "Conv" in ops
     np.testing.assert_allclose(dec.run(None, {"codes": codes.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)
 
 
@@ -624,14 +627,7 @@ def test_a_decoder_with_a_pixel_tail_exports(tmp_path):
     tok = VQTokenizer(preset("test", pixel_tail=4)).eval()
     with torch.no_grad():
         tok.tail[-2].weight.normal_(0, 0.1)      # a trained tail: not the zero correction
-    S = tok.S
-    x = torch.rand(2, 3, S, S)
-    with torch.no_grad():
-        toks, ref = tok.encode(x), tok.reference(x)
-        want = tok.decode(toks, ref)
-    codes = code_table(tok.cfg.codebook_size)[toks]
-    dec = _export(TokenizerDecode(tok), (codes, ref), tmp_path / "dec.onnx", ["codes", "ref"], ["images"])
-    np.testing.assert_allclose(dec.run(None, {"codes": codes.numpy(), "ref": ref.numpy()})[0], want.numpy(), atol=1e-4)
+    _assert_decode_graph_matches(tok, tmp_path)
 
 
 def test_collapse_floor():
