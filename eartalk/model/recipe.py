@@ -54,7 +54,7 @@ RECIPES = {
     # tok_emotion: weight of the frame codes naming the frame's emotion (VQTokenizer.loss
     # emotion_weight; needs frame_codes > 0).
     # warp: the tokenizer's decoder warps the portrait by a learned flow (ModelConfig.warp).
-    # pixel_tail: channels of the decoder's full-resolution tail (ModelConfig.pixel_tail; 0: none).
+    # pixel_tail: channels of the decoder's tail after its blend (ModelConfig.pixel_tail; 0: none).
     # tok_bf16: the tokenizer's training (stages 1 and 3) under bf16 autocast; None: where the CPU has
     # native bf16 (precision.bf16_native), False: float32. False in tiny: on a 2-core AMX Xeon (Emerald
     # Rapids, 2026-12-07) a step in float32 took 0.37 s against 0.27 in bf16, but was worth more:
@@ -195,6 +195,12 @@ def _recipe(name: str, budget_scale: float = 1.0) -> dict:
     return r
 
 
+def _model_config(r: dict, **extra):
+    """The model config that recipe ``r`` (:func:`_recipe`) trains: its preset with the recipe's
+    tokenizer keys (``frame_codes``, ``warp``, ``pixel_tail``), the same for every stage."""
+    return preset(r["preset"], frame_codes=r["frame_codes"], warp=r["warp"], pixel_tail=r["pixel_tail"], **extra)
+
+
 def step_shortfall(name: str, stage: str, steps: int, budget_scale: float = 1.0,
                    trained_minutes: float | None = None, bf16: bool | None = None,
                    held_out: float | None = None) -> str | None:
@@ -261,7 +267,7 @@ def tokenizer_stage(name: str, corpus: Path, out: Path, progress: bool = True, s
     held-out PSNR on the validation split; writes ``out/work/tokenizer.safetensors`` and curves.
     ``budget_scale`` multiplies the stage's minutes (:func:`_recipe`)."""
     r = _recipe(name, budget_scale)
-    cfg = preset(r["preset"], frame_codes=r["frame_codes"], warp=r["warp"], pixel_tail=r["pixel_tail"])
+    cfg = _model_config(r)
     work = Path(out) / "work"
     work.mkdir(parents=True, exist_ok=True)
     pairs = r["tok_pair"] > 0
@@ -298,8 +304,7 @@ def gpt_stage(name: str, corpus: Path, out: Path, progress: bool = True, seed: i
     the new budget, its learning-rate schedule stretched to it. ``until`` (a ``time.time()``): the
     training ends by then if that is sooner (``train_gpt`` ``deadline``; :func:`run_recipe`)."""
     r = _recipe(name, budget_scale)
-    cfg = preset(r["preset"], refine=r["gpt_refine"] > 0, frame_codes=r["frame_codes"], warp=r["warp"],
-                 pixel_tail=r["pixel_tail"])
+    cfg = _model_config(r, refine=r["gpt_refine"] > 0)
     out = Path(out)
     work = out / "work"
     tok_path = stage_tokenizer(out, f"train the tokenizer first (`eartalk train tokenizer --recipe {name} "

@@ -245,12 +245,12 @@ class VQTokenizer(nn.Module):
         if self.warp:
             self.fine_flow = nn.Conv2d(widths[0], 2, 3, padding=1)
         self.head = nn.Conv2d(widths[0], SUBPIX * SUBPIX * 4, 1)
-        # full-resolution tail (cfg.pixel_tail): blend, portrait, colour and mask -> a correction
+        # tail (cfg.pixel_tail): blend, portrait, colour and mask (10 channels) -> an RGB correction,
+        # at S/2 with 2x2 pixels packed per position: full-resolution convs of so few channels cost
+        # 2.5x as much time per MAC on a CPU
         t = cfg.pixel_tail
-        # at S/2 (2x2 pixels packed per position): full-resolution convs of few channels cost 2.5x
-        # as much time per MAC on a CPU
-        self.tail = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(40, t, 3, padding=1), nn.SiLU(),
-                                  nn.Conv2d(t, t, 3, padding=1), nn.SiLU(), nn.Conv2d(t, 12, 3, padding=1),
+        self.tail = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(10 * 4, t, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(t, t, 3, padding=1), nn.SiLU(), nn.Conv2d(t, 3 * 4, 3, padding=1),
                                   nn.PixelShuffle(2)) if t else None
         with torch.no_grad():  # start as the unwarped portrait (mask ~0.95): learn only departures
             for conv in (self.coarse_flow, self.fine_flow) if self.warp else ():
